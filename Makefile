@@ -1,0 +1,38 @@
+# The two commands of the README: `make demo` (the CPU default run) and `make test`.
+# Both create .venv on first use. CPU machines get the CPU wheel torch==2.13.0; on a GPU
+# machine install your CUDA torch into .venv first (or set TORCH_SPEC/TORCH_PIP_ARGS) and it
+# is kept, because torch is only installed when the venv has none.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+ARGS ?=
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# The CPU default: tiny Qwen2-architecture model, Countdown, SFT warm start, then RL.
+demo: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash recipe/fully_async_policy/shell/vcpo/countdown/synchronous.sh $(ARGS)
+
+# Everything, including the slow end-to-end runs.
+test: setup
+	$(PY) -m pytest -q tests $(ARGS)
+
+# Skip the slow end-to-end runs while iterating.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check verl recipe scripts tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache
