@@ -1,0 +1,107 @@
+"""Typed config of the actor (the trainer -> actor step): optimizer, policy loss, batching.
+
+Plain types only (lists, not tuples) so Hydra structured configs accept every field; each
+section's ``validate(prefix)`` fails with the full key before anything starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from verl.trainer.ppo.core_algos import LOSS_AGG_MODES, POLICY_LOSS_MODES, TIS_LEVELS
+from verl.utils.config import ConfigError, check_choice, check_positive, check_range
+
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+ACTOR_STRATEGIES = ("torch", "megatron")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a warmup + constant/linear/cosine schedule over ``total_training_steps``."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    # Linear/cosine decay ends at lr * min_lr_ratio.
+    min_lr_ratio: float = 0.0
+    # -1: the trainer fills in its number of steps.
+    total_training_steps: int = -1
+
+    def validate(self, prefix: str) -> None:
+        check_positive(f"{prefix}.lr", self.lr, allow_zero=True)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas", self.betas, "must be two numbers in [0, 1)")
+        check_positive(f"{prefix}.weight_decay", self.weight_decay, allow_zero=True)
+        check_positive(f"{prefix}.eps", self.eps)
+        check_choice(f"{prefix}.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        check_positive(f"{prefix}.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        check_range(f"{prefix}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if self.total_training_steps != -1 and self.total_training_steps <= 0:
+            raise ConfigError(
+                f"{prefix}.total_training_steps",
+                self.total_training_steps,
+                "must be -1 (set by the trainer) or > 0",
+            )
+
+
+@dataclass
+class PolicyLossConfig:
+    """``ppo_clip``: clipped ratio against old log-probs; ``bypass``: ratio = 1 with grad log pi,
+    no clipping (the VCPO recipes). TIS multiplies the loss by min(w, tis_cap), detached."""
+
+    mode: str = "ppo_clip"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    # Dual-clip bound for negative advantages (> 1); null turns dual clipping off.
+    clip_ratio_c: float | None = 3.0
+    tis_level: str = "none"
+    tis_cap: float = 8.0
+
+    def validate(self, prefix: str) -> None:
+        check_choice(f"{prefix}.mode", self.mode, POLICY_LOSS_MODES)
+        check_range(f"{prefix}.clip_ratio_low", self.clip_ratio_low, 0.0, 1.0)
+        check_positive(f"{prefix}.clip_ratio_high", self.clip_ratio_high, allow_zero=True)
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
+            raise ConfigError(
+                f"{prefix}.clip_ratio_c", self.clip_ratio_c, "must be > 1 or null (no dual clip)"
+            )
+        check_choice(f"{prefix}.tis_level", self.tis_level, TIS_LEVELS)
+        check_positive(f"{prefix}.tis_cap", self.tis_cap)
+
+
+@dataclass
+class ActorConfig:
+    """Batching and loss of ``update_policy``.
+
+    ``ppo_mini_batch_size`` counts trajectories over all data-parallel ranks (one optimizer step
+    each); ``ppo_micro_batch_size_per_gpu`` trajectories per forward/backward on one rank.
+    """
+
+    strategy: str = "torch"
+    ppo_mini_batch_size: int = 64
+    ppo_micro_batch_size_per_gpu: int = 8
+    ppo_epochs: int = 1
+    # Permute trajectories before each epoch's mini-batch split (seeded from torch.initial_seed()).
+    shuffle: bool = False
+    loss_agg_mode: str = "seq-mean-token-mean"
+    grad_clip: float = 1.0
+    entropy_coeff: float = 0.0
+    # True: the trainer recomputes old log-probs with the current weights before the update
+    # (ppo_clip anchors on them); False: ppo_clip anchors on the rollout log-probs.
+    recompute_old_log_prob: bool = False
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self, prefix: str) -> None:
+        check_choice(f"{prefix}.strategy", self.strategy, ACTOR_STRATEGIES)
+        check_positive(f"{prefix}.ppo_mini_batch_size", self.ppo_mini_batch_size)
+        check_positive(f"{prefix}.ppo_micro_batch_size_per_gpu", self.ppo_micro_batch_size_per_gpu)
+        check_positive(f"{prefix}.ppo_epochs", self.ppo_epochs)
+        check_choice(f"{prefix}.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        check_positive(f"{prefix}.grad_clip", self.grad_clip)
+        check_positive(f"{prefix}.entropy_coeff", self.entropy_coeff, allow_zero=True)
+        self.policy_loss.validate(f"{prefix}.policy_loss")
+        self.optim.validate(f"{prefix}.optim")

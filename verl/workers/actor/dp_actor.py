@@ -1,0 +1,345 @@
+"""The plain-torch data-parallel actor (trainer -> actor -> param sync): log-probs and policy updates.
+
+Wraps a Hugging Face causal LM. Each data-parallel rank receives its own shard of the batch;
+losses are normalised by GLOBAL token/sequence counts and gradients are summed with one
+all-reduce per optimizer step, so DP = N computes the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss, loss_normalizer_counts
+from verl.utils.config import ConfigError
+from verl.utils.distributed import all_reduce_gradients_, all_reduce_sum_, get_world_size
+from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
+from verl.workers.actor.config import ActorConfig, OptimConfig
+
+if TYPE_CHECKING:
+    from verl.protocol import DataProto
+
+__all__ = ["DataParallelPPOActor", "build_optimizer_and_scheduler", "lr_schedule_factor"]
+
+_FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "responses")
+
+
+def lr_schedule_factor(
+    step: int, scheduler: str, warmup_steps: int, total_steps: int, min_lr_ratio: float
+) -> float:
+    """Multiplier of the base lr before optimizer step ``step`` (0-based).
+
+    Warmup (step < W): (step + 1) / W. After it, with progress p = clip((step - W) / (T - W), 0, 1)
+    and m = min_lr_ratio: constant 1; linear 1 - (1 - m) p; cosine m + (1 - m)(1 + cos(pi p)) / 2.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if scheduler == "constant":
+        return 1.0
+    progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+    if scheduler == "linear":
+        return 1.0 - (1.0 - min_lr_ratio) * progress
+    if scheduler == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr scheduler {scheduler!r}")
+
+
+def build_optimizer_and_scheduler(
+    module: torch.nn.Module, optim_config: OptimConfig, total_steps: int | None = None
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters and a LambdaLR following ``lr_schedule_factor``.
+
+    ``total_steps`` (trainer steps; the scheduler steps once per ``update_policy``) overrides
+    ``optim_config.total_training_steps`` when given; decaying schedules need one > 0.
+    """
+    total = optim_config.total_training_steps if total_steps is None else total_steps
+    if optim_config.lr_scheduler != "constant" and total <= 0:
+        raise ConfigError("actor.optim.total_training_steps", total,
+                          f"must be > 0 for lr_scheduler={optim_config.lr_scheduler!r}")
+    optimizer = torch.optim.AdamW(
+        [p for p in module.parameters() if p.requires_grad],
+        lr=optim_config.lr,
+        betas=(optim_config.betas[0], optim_config.betas[1]),
+        eps=optim_config.eps,
+        weight_decay=optim_config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_schedule_factor(
+            step, optim_config.lr_scheduler, optim_config.lr_warmup_steps, total, optim_config.min_lr_ratio
+        ),
+    )
+    return optimizer, scheduler
+
+
+class DataParallelPPOActor:
+    """``compute_log_prob`` and ``update_policy`` for one data-parallel rank.
+
+    ``process_group``: the data-parallel group (None: the default group if one is initialised,
+    otherwise a single process). The lr scheduler, if any, steps once per ``update_policy``
+    (one trainer step), also when an optimizer step was skipped.
+    """
+
+    def __init__(
+        self,
+        config: ActorConfig,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ):
+        self.config = config
+        self.module = module
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.process_group = process_group
+        # Derived from the run's one seed, separate from the sampling stream.
+        self._shuffle_generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    # ------------------------------------------------------------------ forward
+    def _forward_micro_batch(
+        self, micro: dict[str, torch.Tensor], temperature: float, calculate_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs [b, R] (and entropies) of ``responses`` under logits / temperature, float32.
+
+        The logit at position t predicts token t + 1, so the response tokens (the last R of
+        input_ids) are scored by the logits at positions P - 1 .. P + R - 2.
+        """
+        response_length = micro["responses"].shape[1]
+        output = self.module(
+            input_ids=micro["input_ids"],
+            attention_mask=micro["attention_mask"],
+            position_ids=micro["position_ids"],
+            use_cache=False,
+            logits_to_keep=response_length + 1,
+        )
+        logits = output.logits[:, :-1].float() / temperature
+        log_probs = logprobs_from_logits(logits, micro["responses"])
+        entropy = entropy_from_logits(logits) if calculate_entropy else None
+        return log_probs, entropy
+
+    def compute_log_prob(
+        self, data: "DataProto", calculate_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs [B, R] (and entropies [B, R] if asked) of the responses, no grad.
+
+        Uses ``data.meta_info["temperature"]``, which must be the rollout's sampling temperature
+        for the result to be comparable with the behaviour log-probs.
+        """
+        temperature = _temperature(data)
+        tensors = self._to_device(data, _FORWARD_KEYS)
+        size = self.config.ppo_micro_batch_size_per_gpu
+        log_probs, entropies = [], []
+        with torch.no_grad():
+            for start in range(0, len(data), size):
+                micro = {k: v[start : start + size] for k, v in tensors.items()}
+                lp, ent = self._forward_micro_batch(micro, temperature, calculate_entropy)
+                log_probs.append(lp)
+                entropies.append(ent)
+        return torch.cat(log_probs), torch.cat(entropies) if calculate_entropy else None
+
+    # ------------------------------------------------------------------ update
+    def update_policy(self, data: "DataProto") -> dict[str, float]:
+        """One trainer step on this rank's shard: ``ppo_epochs`` passes, one optimizer step per
+        mini-batch. Returns metrics (mean over steps; ``*_max`` are maxima, ``skipped_steps`` a count).
+
+        Needs ``advantages``, ``response_mask``, the forward inputs, ``rollout_log_probs`` (for
+        TIS, for ppo_clip without recompute, and for the rollout KL/IS metrics when present)
+        and ``old_log_probs`` when ``recompute_old_log_prob`` is set with ppo_clip.
+        """
+        if self.optimizer is None:
+            raise RuntimeError("update_policy needs an optimizer; this actor was built for log-probs only")
+        temperature = _temperature(data)
+        tensors = self._to_device(data, self._update_keys(data))
+        local_mini = self._local_mini_batch_size(len(data))
+        history: dict[str, list[float]] = defaultdict(list)
+        self.module.zero_grad(set_to_none=True)
+        for _ in range(self.config.ppo_epochs):
+            order = self._epoch_order(len(data))
+            for start in range(0, len(data), local_mini):
+                rows = order[start : start + local_mini]
+                mini = {k: v[rows] for k, v in tensors.items()}
+                for key, value in self._update_mini_batch(mini, temperature).items():
+                    history[key].append(value)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        return _reduce_history(history)
+
+    def _update_mini_batch(
+        self, mini: dict[str, torch.Tensor], temperature: float, lr_scale: float = 1.0
+    ) -> dict[str, float]:
+        """Forward/backward every micro-batch of one mini-batch, all-reduce, clip, step.
+
+        The hook point for per-mini-batch statistics (computed before the backward passes) and
+        for an lr scaled for this one step (``lr_scale``).
+        """
+        cfg = self.config
+        num_tokens, num_seqs = self._global_counts(mini["response_mask"])
+        calculate_entropy = cfg.entropy_coeff != 0.0
+        totals = torch.zeros(3, dtype=torch.float32, device=self.device)  # loss, pg_loss, entropy
+        log_probs = []
+        size = cfg.ppo_micro_batch_size_per_gpu
+        for start in range(0, len(mini["response_mask"]), size):
+            micro = {k: v[start : start + size] for k, v in mini.items()}
+            log_prob, entropy = self._forward_micro_batch(micro, temperature, calculate_entropy)
+            pg_loss, _ = self._policy_loss(micro, log_prob, num_tokens, num_seqs)
+            loss = pg_loss
+            if entropy is not None:
+                mask = micro["response_mask"]
+                entropy_term = agg_loss(entropy, mask, cfg.loss_agg_mode, num_tokens, num_seqs)
+                loss = pg_loss - cfg.entropy_coeff * entropy_term
+                totals[2] += entropy_term.detach()
+            loss.backward()
+            totals[0] += loss.detach()
+            totals[1] += pg_loss.detach()
+            log_probs.append(log_prob.detach())
+        all_reduce_gradients_(self.module.parameters(), self.process_group)
+        all_reduce_sum_(totals, self.process_group)
+        grad_norm, lr = self.step_optimizer(lr_scale)
+        # Diagnostics over this rank's whole mini-batch (a mean of micro-batch means would weight
+        # a short last micro-batch like a full one): one elementwise pass, no forward.
+        with torch.no_grad():
+            _, metrics = self._policy_loss(mini, torch.cat(log_probs), num_tokens, num_seqs)
+        out = {f"actor/{k}": v.item() for k, v in metrics.items() if k != "pg_loss"}
+        out.update({"actor/loss": totals[0].item(), "actor/pg_loss": totals[1].item(), "actor/lr": lr})
+        if calculate_entropy:
+            out["actor/entropy"] = totals[2].item()
+        out["actor/skipped_steps"] = float(not math.isfinite(grad_norm))
+        if math.isfinite(grad_norm):
+            out["actor/grad_norm"] = grad_norm
+        return out
+
+    def _policy_loss(
+        self,
+        micro: dict[str, torch.Tensor],
+        log_prob: torch.Tensor,
+        num_tokens: torch.Tensor,
+        num_seqs: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, pl = self.config, self.config.policy_loss
+        old_log_prob = None
+        if pl.mode == "ppo_clip":
+            old_log_prob = micro["old_log_probs" if cfg.recompute_old_log_prob else "rollout_log_probs"]
+        return compute_policy_loss(
+            log_prob,
+            old_log_prob,
+            micro["advantages"],
+            micro["response_mask"],
+            loss_agg_mode=cfg.loss_agg_mode,
+            mode=pl.mode,
+            clip_ratio_low=pl.clip_ratio_low,
+            clip_ratio_high=pl.clip_ratio_high,
+            clip_ratio_c=pl.clip_ratio_c,
+            rollout_log_prob=micro.get("rollout_log_probs"),
+            tis_level=pl.tis_level,
+            tis_cap=pl.tis_cap,
+            global_num_tokens=num_tokens,
+            global_num_seqs=num_seqs,
+        )
+
+    def step_optimizer(self, lr_scale: float = 1.0) -> tuple[float, float]:
+        """Clip the (already all-reduced) gradients and take one optimizer step at lr * lr_scale,
+        restoring the scheduler's lr afterwards; returns (grad norm before clipping, lr used).
+
+        The grad norm is the float32 2-norm over all parameters. Non-finite norm rule: the step
+        is skipped, gradients are zeroed, and the returned norm is inf/nan (counted by the caller
+        as ``actor/skipped_steps``); every rank sees the same summed gradients, so all skip together.
+        """
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        lr_used = base_lrs[0] * lr_scale
+        if not params:
+            return 0.0, lr_used
+        norms = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])
+        grad_norm = torch.linalg.vector_norm(norms)
+        if torch.isfinite(grad_norm):
+            clip_coef = torch.clamp(self.config.grad_clip / (grad_norm + 1e-6), max=1.0)
+            for p in params:
+                p.grad.mul_(clip_coef.to(p.grad.dtype))
+            for group, base in zip(self.optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_scale
+            self.optimizer.step()
+            for group, base in zip(self.optimizer.param_groups, base_lrs):
+                group["lr"] = base
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item(), lr_used
+
+    # ------------------------------------------------------------------ helpers
+    def _update_keys(self, data: "DataProto") -> tuple[str, ...]:
+        cfg = self.config
+        keys = [*_FORWARD_KEYS, "response_mask", "advantages"]
+        if "rollout_log_probs" in data.batch:
+            keys.append("rollout_log_probs")
+        if cfg.policy_loss.mode == "ppo_clip":
+            keys.append("old_log_probs" if cfg.recompute_old_log_prob else "rollout_log_probs")
+        if cfg.policy_loss.tis_level != "none":
+            keys.append("rollout_log_probs")
+        return tuple(dict.fromkeys(keys))
+
+    def _to_device(self, data: "DataProto", keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        missing = [k for k in keys if k not in data.batch]
+        if missing:
+            raise KeyError(f"actor: batch lacks {missing} (has {sorted(data.batch)})")
+        return {k: data.batch[k].to(self.device) for k in keys}
+
+    def _local_mini_batch_size(self, local_batch_size: int) -> int:
+        world = get_world_size(self.process_group)
+        mini = self.config.ppo_mini_batch_size
+        if mini % world:
+            raise ConfigError(
+                "actor.ppo_mini_batch_size", mini, f"must be divisible by the data-parallel size {world}"
+            )
+        local_mini = mini // world
+        if local_batch_size % local_mini:
+            raise ConfigError(
+                "actor.ppo_mini_batch_size",
+                mini,
+                f"this rank's batch of {local_batch_size} must split into whole mini-batches of "
+                f"{local_mini} (= ppo_mini_batch_size / {world} ranks)",
+            )
+        return local_mini
+
+    def _epoch_order(self, n: int) -> torch.Tensor:
+        if self.config.shuffle:
+            return torch.randperm(n, generator=self._shuffle_generator).to(self.device)
+        return torch.arange(n, device=self.device)
+
+    def _global_counts(self, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N_tok, N_seq) of the mini-batch over all data-parallel ranks (see ``agg_loss``)."""
+        counts = torch.stack(loss_normalizer_counts(response_mask))
+        all_reduce_sum_(counts, self.process_group)
+        return counts[0], counts[1]
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """HF-named weights (``module.state_dict()``, tied weights under both names) for param
+        sync. Views of the live parameters: copy them if they must outlive the next update."""
+        return dict(self.module.state_dict())
+
+
+def _temperature(data: "DataProto") -> float:
+    if "temperature" not in data.meta_info:
+        raise KeyError(
+            "actor: data.meta_info['temperature'] is required (the rollout's sampling temperature)"
+        )
+    return float(data.meta_info["temperature"])
+
+
+def _reduce_history(history: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of each metric, except ``*_max`` (max) and ``skipped_steps`` (sum)."""
+    out = {}
+    for key, values in history.items():
+        if key.endswith("_max"):
+            out[key] = max(values)
+        elif key.endswith("skipped_steps"):
+            out[key] = float(sum(values))
+        else:
+            out[key] = sum(values) / len(values)
+    return out
