@@ -1,0 +1,600 @@
+"""VCPO math for the trainer/actor step (queue -> trainer/actor): log-space ESS, the ESS-scaled lr, and OPOB.
+
+Everything here is a pure function of tensors plus, where a statistic spans the global
+minibatch, the process group to reduce over (``None``: this process holds the whole
+minibatch). The actors orchestrate; they never re-derive these formulas.
+
+Units, to keep two different squared norms apart:
+- ``sq_grad_norms``: ‖∇θ log π_θ(τ_i)‖² = ‖∇θ Σ_t m_{i,t} log π_θ(y_{i,t})‖², unweighted and
+  not length-normalised (what ``verl.workers.actor.traj_grad_norms`` returns by default);
+- the score of the trained estimator, s_i = ∇θ[(w̃_i / L_i) Σ_t m_{i,t} log π_θ(y_{i,t})], has
+  ‖s_i‖² = (w̃_i / L_i)² · ‖∇θ log π_θ(τ_i)‖².
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from verl.utils.config import ConfigError, check_choice, check_range
+from verl.utils.distributed import get_world_size
+from verl.utils.torch_functional import masked_sum
+
+ESS_SCALING_RULES = ("sqrt", "linear")
+NONFINITE_RULES = ("skip", "min_lr")
+OPOB_SCOPES = ("group", "minibatch")
+OPOB_AGG_MODES = ("mean", "median", "winsorized_mean")
+OPOB_WEIGHTINGS = ("paper", "reference")
+GRAD_NORM_METHODS = ("batched", "per_traj")
+
+# A group whose rewards spread less than this is not divided by its std (it would blow up 0/0).
+GROUP_STD_EPS = 1e-8
+# Fraction of a scope's total weight by which a cumulative weight may fall short of a quantile.
+_QUANTILE_TIE_SLACK = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs (keys mirror the VCPO release)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ESSScalingConfig:
+    """ESS-scaled learning rate (VCPO part i).
+
+    - ``enable``: scale each optimizer step's lr by the minibatch's ESS ratio.
+    - ``scaling_rule``: ``sqrt`` (lr·√s, for Adam-style optimizers) or ``linear`` (lr·s), where
+      s = min(1, ρ_ess / ρ_ref).
+    - ``base_ess_ratio``: ρ_ref in (0, 1]; 1.0 for single-turn tasks, 0.55 for multi-turn tool
+      use (engine/trainer mismatch keeps ρ_ess below 1 even on-policy).
+    - ``use_clipped``: ESS from the truncated weights min(w, C) instead of w (default off).
+    - ``nonfinite_rule``: an undefined ESS (a NaN log weight, or every weight 0) never gives
+      full lr: ``skip`` sets the scale to 0 (the caller skips the step), ``min_lr`` uses the
+      smallest possible ratio ρ_ess = 1/B.
+    """
+
+    enable: bool = False
+    scaling_rule: str = "sqrt"
+    base_ess_ratio: float = 1.0
+    use_clipped: bool = False
+    nonfinite_rule: str = "skip"
+
+    def validate(self, prefix: str) -> None:
+        check_choice(f"{prefix}.scaling_rule", self.scaling_rule, ESS_SCALING_RULES)
+        if not (0.0 < self.base_ess_ratio <= 1.0):
+            raise ConfigError(f"{prefix}.base_ess_ratio", self.base_ess_ratio, "must be in (0, 1]")
+        check_choice(f"{prefix}.nonfinite_rule", self.nonfinite_rule, NONFINITE_RULES)
+
+
+@dataclass
+class GradBaseliningConfig:
+    """Off-policy optimal baseline, OPOB (VCPO part ii).
+
+    The baseline of a scope is b = agg({v_i}, weights W_i), with (see ``opob_log_weights``)
+      W_i = [w̃_i² if weighting == "reference"] · [ŵ_i² if use_is_weights] · ‖∇θ log π(τ_i)‖²
+            / [L_i² if normalize_by_length],      ŵ_i = w̃_i if use_clipped_is_ratios else w_i.
+    - ``scope``: ``group`` (one b per GRPO group, values = rewards; needs whole groups on a
+      rank) or ``minibatch`` (one b over the global minibatch, values = the estimator's
+      advantages).
+    - ``agg_mode``: weighted ``mean`` (the minimum-variance baseline), weighted ``median``, or
+      ``winsorized_mean`` (values clipped to the weighted [winsorize_lower, winsorize_upper]
+      quantiles, then the weighted mean).
+    - ``weighting``: ``paper`` is the paper's W_i = w_i² ‖∇log π(τ_i)‖² (with the defaults);
+      ``reference`` reproduces the VCPO release, whose per-trajectory norm is already the norm
+      of the truncated-weighted score, so with ``use_is_weights`` it counts the IS weight twice:
+      W_i = w̃_i² w_i² ‖∇log π(τ_i)‖². The exact minimum-variance baseline of the estimator we
+      train with (W_i = ‖s_i‖² = (w̃_i/L_i)² ‖∇log π(τ_i)‖²) is ``paper`` +
+      ``use_clipped_is_ratios`` + ``normalize_by_length``.
+    - ``norm_by_std``: group scope only: c_i = (R_i − b_G)/σ_G with σ_G the group's population
+      std of rewards (1 when ≤ 1e-8). In minibatch scope the values are advantages that the
+      estimator already normalised, and the flag is ignored.
+    - ``grad_norm_method``: ``batched`` (hooks + one backward per micro-batch) or ``per_traj``
+      (one forward/backward per trajectory, the release's method; works for any layer type).
+    """
+
+    enable: bool = False
+    scope: str = "group"
+    agg_mode: str = "mean"
+    use_is_weights: bool = True
+    use_clipped_is_ratios: bool = False
+    normalize_by_length: bool = False
+    norm_by_std: bool = True
+    grad_norm_method: str = "batched"
+    weighting: str = "paper"
+    winsorize_lower: float = 0.05
+    winsorize_upper: float = 0.95
+
+    def validate(self, prefix: str) -> None:
+        check_choice(f"{prefix}.scope", self.scope, OPOB_SCOPES)
+        check_choice(f"{prefix}.agg_mode", self.agg_mode, OPOB_AGG_MODES)
+        check_choice(f"{prefix}.grad_norm_method", self.grad_norm_method, GRAD_NORM_METHODS)
+        check_choice(f"{prefix}.weighting", self.weighting, OPOB_WEIGHTINGS)
+        check_range(f"{prefix}.winsorize_lower", self.winsorize_lower, 0.0, 0.5)
+        check_range(f"{prefix}.winsorize_upper", self.winsorize_upper, 0.5, 1.0)
+        if not self.winsorize_lower < self.winsorize_upper:
+            raise ConfigError(f"{prefix}.winsorize_upper", self.winsorize_upper,
+                              f"must be > winsorize_lower={self.winsorize_lower}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives over the global minibatch
+# ----------------------------------------------------------------------------------------------
+
+
+def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Every rank's rows of ``x`` concatenated in rank order; ranks may hold different row counts."""
+    world = get_world_size(group)
+    if world == 1:
+        return x
+    count = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    sizes = [int(c.item()) for c in counts]
+    padded = x.new_zeros((max(sizes),) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def _all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if get_world_size(group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def combine_shard_sq_grad_norms(sharded: torch.Tensor, replicated: torch.Tensor,
+                                group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """‖∇θ f_i‖² [B] from model-parallel pieces: Σ_ranks (sharded part) + replicated part.
+
+    Tensor-/pipeline-parallel ranks hold disjoint slices of the sharded parameters, so their
+    per-trajectory squared norms add (all-reduce SUM over ``group``); parameters replicated on
+    every rank of ``group`` (e.g. norm weights under TP) are counted once. Not for sequence or
+    context parallelism: there each rank holds a partial gradient of the SAME parameters, and
+    the partial gradients must be summed before the norm is taken.
+    """
+    total = sharded.detach().double().clone()
+    _all_reduce_sum(total, group)
+    return (total + replicated.detach().double()).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence importance weights and the effective sample size
+# ----------------------------------------------------------------------------------------------
+
+
+def sequence_log_weights(log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
+                         response_mask: torch.Tensor) -> torch.Tensor:
+    """log w_i = Σ_t m_{i,t} (log π_θ(y_{i,t}) − log μ(y_{i,t})), float32 [B].
+
+    The canonical sequence log IS weight (core_algos' TIS should call this one). Masked
+    positions are dropped with ``where``, so a −inf log-prob on padding cannot turn into NaN.
+    """
+    diff = log_prob.float() - rollout_log_prob.float()
+    return masked_sum(diff, response_mask, dim=-1)
+
+
+def truncated_log_weights(log_w: torch.Tensor, clip: float) -> torch.Tensor:
+    """log w̃_i = log min(w_i, C) = min(log w_i, log C); NaN stays NaN."""
+    return torch.clamp(log_w, max=math.log(clip))
+
+
+class GlobalESS(NamedTuple):
+    """ESS of the global minibatch and what was non-finite in it."""
+
+    log_ess: float
+    ess: float
+    batch_size: int
+    num_posinf: int
+    num_nan: int
+
+    @property
+    def ess_ratio(self) -> float:
+        """ρ_ess = ESS / B ∈ [1/B, 1]; NaN when the ESS is undefined."""
+        return self.ess / self.batch_size if self.batch_size > 0 else float("nan")
+
+    @property
+    def is_finite(self) -> bool:
+        return math.isfinite(self.log_ess)
+
+
+def global_ess(log_w: torch.Tensor, group: dist.ProcessGroup | None = None) -> GlobalESS:
+    """ESS = (Σ_i w_i)² / Σ_i w_i² over the global minibatch, in log space.
+
+    log ESS = 2·LSE_i(log w_i) − LSE_i(2 log w_i), LSE = logsumexp. Each rank reduces its own
+    trajectories to (LSE(log w), LSE(2 log w), count); these few scalars are all-gathered and
+    combined as LSE over ranks, so nothing is exponentiated outside a logsumexp. Each trajectory
+    must count once: ``log_w`` must be complete per trajectory (under context parallelism, sum
+    the per-rank partial log w over the CP group first) and ``group`` must hold every trajectory
+    exactly once, i.e. the data-parallel group (TP and CP ranks share their trajectories).
+
+    Non-finite rule (never full lr by accident):
+    - NaN in any log w_i: ESS undefined → log_ess = NaN.
+    - +inf log w_i (and no NaN): the infinite weights dominate every finite one; how they compare
+      with each other is unknown, and ESS over them lies in [1, #inf], so we take the infimum:
+      ESS = 1 (ρ_ess = 1/B, the one-dominating-trajectory limit).
+    - every w_i = 0 (all log w = −inf) or an empty minibatch: 0/0 → log_ess = NaN.
+    The result is clamped to [0, log B]: rounding may push it a hair past the true bounds.
+    """
+    local = log_w.detach().double().reshape(-1)
+    nan = torch.isnan(local)
+    posinf = torch.isposinf(local)
+    finite_or_neg = local[~(nan | posinf)]
+    stats = torch.stack([
+        torch.logsumexp(finite_or_neg, 0) if finite_or_neg.numel() else local.new_tensor(-math.inf),
+        torch.logsumexp(2.0 * finite_or_neg, 0) if finite_or_neg.numel() else local.new_tensor(-math.inf),
+        local.new_tensor(float(local.numel())),
+        posinf.sum().double(),
+        nan.sum().double(),
+    ])
+    every_rank = all_gather_rows(stats[None], group)
+    lse1 = torch.logsumexp(every_rank[:, 0], 0).item()
+    lse2 = torch.logsumexp(every_rank[:, 1], 0).item()
+    batch_size = int(every_rank[:, 2].sum().item())
+    num_posinf = int(every_rank[:, 3].sum().item())
+    num_nan = int(every_rank[:, 4].sum().item())
+    if num_nan > 0 or batch_size == 0:
+        log_ess = float("nan")
+    elif num_posinf > 0:
+        log_ess = 0.0
+    elif lse1 == -math.inf:
+        log_ess = float("nan")
+    else:
+        log_ess = min(max(2.0 * lse1 - lse2, 0.0), math.log(batch_size))
+    return GlobalESS(log_ess, math.exp(log_ess), batch_size, num_posinf, num_nan)
+
+
+def ess_lr_scale(ess_ratio: float, base_ess_ratio: float, rule: str, nonfinite_rule: str = "skip",
+                 batch_size: int | None = None) -> tuple[float, bool]:
+    """The lr multiplier of one step and whether the ESS was non-finite.
+
+    s = min(1, ρ_ess / ρ_ref);  rule ``sqrt``: scale = √s;  rule ``linear``: scale = s.
+    A non-finite ρ_ess (see ``global_ess``) never yields full lr (the release's min(1, NaN) = 1
+    does): ``nonfinite_rule`` ``skip`` → scale 0 (the caller skips the optimizer step);
+    ``min_lr`` → ρ_ess := 1/B, the smallest ratio an actual minibatch can have.
+    """
+    check_choice("ess_scaling.scaling_rule", rule, ESS_SCALING_RULES)
+    check_choice("ess_scaling.nonfinite_rule", nonfinite_rule, NONFINITE_RULES)
+    nonfinite = not math.isfinite(ess_ratio)
+    if nonfinite:
+        if nonfinite_rule == "skip":
+            return 0.0, True
+        if not batch_size:
+            raise ValueError("nonfinite_rule='min_lr' needs the global batch_size")
+        ess_ratio = 1.0 / batch_size
+    s = min(1.0, ess_ratio / base_ess_ratio)
+    return (math.sqrt(s) if rule == "sqrt" else s), nonfinite
+
+
+def lr_scale_from_ess(ess: GlobalESS, config: ESSScalingConfig) -> tuple[float, bool]:
+    """``ess_lr_scale`` driven by the config; (1.0, False) when ESS scaling is off."""
+    if not config.enable:
+        return 1.0, False
+    return ess_lr_scale(ess.ess_ratio, config.base_ess_ratio, config.scaling_rule, config.nonfinite_rule,
+                        ess.batch_size)
+
+
+@contextmanager
+def scaled_lr_step(optimizer: torch.optim.Optimizer, scale: float) -> Iterator[None]:
+    """Multiply every param group's lr by ``scale`` inside the block, then restore it.
+
+    Wrap exactly one ``optimizer.step()``; the scheduler's lr comes back even if the step
+    raises, so the schedule itself never sees the ESS scaling.
+    """
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    try:
+        for group, lr in zip(optimizer.param_groups, scheduled):
+            group["lr"] = lr * scale
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, scheduled):
+            group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------
+# OPOB: weights, baselines, coefficients
+# ----------------------------------------------------------------------------------------------
+
+
+def group_ids_from_uids(uids: Sequence[str] | np.ndarray) -> torch.Tensor:
+    """int64 group ids from the string ``uid`` of each trajectory, equal on every rank.
+
+    A 63-bit BLAKE2 digest of the uid, not a per-rank enumeration, so ids of one group agree
+    across ranks and ``check_whole_groups`` can compare them.
+    """
+    ids = [int.from_bytes(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), "little") >> 1
+           for u in uids]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_whole_groups(group_ids_per_rank: Sequence[torch.Tensor]) -> None:
+    """Raise ValueError if any group id occurs on more than one rank (group scope needs whole groups)."""
+    owner: dict[int, int] = {}
+    split: dict[int, set[int]] = {}
+    for rank, ids in enumerate(group_ids_per_rank):
+        for gid in torch.as_tensor(ids).reshape(-1).unique().tolist():
+            if gid in owner and owner[gid] != rank:
+                split.setdefault(gid, {owner[gid]}).add(rank)
+            owner.setdefault(gid, rank)
+    if split:
+        shown = ", ".join(f"group {g} on ranks {sorted(r)}" for g, r in list(split.items())[:5])
+        raise ValueError(f"OPOB scope 'group' needs whole groups per rank, but {len(split)} are split: {shown}")
+
+
+def assert_whole_groups(group_ids: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """``check_whole_groups`` across the ranks of ``group`` (one all-gather of the ids)."""
+    world = get_world_size(group)
+    if world == 1:
+        return
+    tagged = torch.stack([group_ids.long().reshape(-1),
+                          torch.full_like(group_ids.long().reshape(-1), dist.get_rank(group))], dim=1)
+    every = all_gather_rows(tagged, group)
+    check_whole_groups([every[every[:, 1] == r, 0] for r in range(world)])
+
+
+def opob_log_weights(sq_grad_norms: torch.Tensor, log_w: torch.Tensor, w_trunc: torch.Tensor,
+                     lengths: torch.Tensor, config: GradBaseliningConfig) -> torch.Tensor:
+    """log W_i of the OPOB weights, float32 [B] (log space: w_i may overflow any float).
+
+    log W_i = log ‖∇θ log π(τ_i)‖²
+              + 2 log w̃_i                 if weighting == "reference"
+              + 2 log ŵ_i                 if use_is_weights (ŵ = w̃ if use_clipped_is_ratios else w)
+              − 2 log max(L_i, 1)         if normalize_by_length
+    ``sq_grad_norms`` is the unweighted ‖∇θ Σ_t m log π‖², ``w_trunc`` = min(w, C), ``lengths``
+    the number of policy tokens L_i. The three weightings of SPEC:
+    paper (default flags) w²‖∇log π‖²; reference w̃²w²‖∇log π‖²; exact for the trained
+    estimator (paper + use_clipped_is_ratios + normalize_by_length) (w̃/L)²‖∇log π‖².
+    """
+    log_w_trunc = torch.log(w_trunc.double())
+    out = torch.log(sq_grad_norms.double())
+    if config.weighting == "reference":
+        out = out + 2.0 * log_w_trunc
+    if config.use_is_weights:
+        out = out + 2.0 * (log_w_trunc if config.use_clipped_is_ratios else log_w.double())
+    if config.normalize_by_length:
+        out = out - 2.0 * torch.log(lengths.double().clamp(min=1.0))
+    return out.float()
+
+
+def scope_normalized_weights(log_weights: torch.Tensor) -> torch.Tensor:
+    """Weights of one scope, W_i / max_j W_j ∈ [0, 1], float64, from log W.
+
+    A baseline is invariant to scaling every weight of its scope, so dividing by the largest
+    before exponentiating loses nothing and cannot overflow. Non-finite rule:
+    - some log W = +inf: those dominate (the limit): weight 1 for them, 0 for the rest;
+    - some log W = NaN, or every W = 0: the weighted baseline is undefined: equal weights
+      (the plain, unweighted aggregate).
+    """
+    lw = log_weights.detach().double()
+    if torch.isnan(lw).any():
+        return torch.ones_like(lw)
+    if torch.isposinf(lw).any():
+        return torch.isposinf(lw).double()
+    top = lw.max() if lw.numel() else lw.new_tensor(-math.inf)
+    if top == -math.inf:
+        return torch.ones_like(lw)
+    return torch.exp(lw - top)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ W v / Σ W; the plain mean when Σ W is 0 or non-finite (the weighted one is undefined)."""
+    v, w = values.double(), weights.double()
+    total = w.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return v.mean()
+    return (w * v).sum() / total
+
+
+def weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) -> torch.Tensor:
+    """The lower weighted q-quantile: the inverse of the weighted empirical CDF.
+
+    Sort v_(1) ≤ … ≤ v_(n) carrying weights W_(k), C_k = Σ_{j≤k} W_(j), S = C_n. The quantile is
+    v_(k*) with k* = min{k : C_k ≥ q·S − 1e-6·S}, so for q > 0 it is a value of positive weight.
+    The 1e-6·S slack makes exact ties (equal weights, the usual case) robust to the float32
+    rounding of log weights. The weighted median is q = 0.5 (equal weights, even n: the lower
+    middle value). Weights with S = 0 or non-finite S fall back to equal weights.
+    """
+    v, w = values.double(), weights.double()
+    total = w.sum()
+    if not torch.isfinite(total) or total <= 0:
+        w, total = torch.ones_like(v), v.new_tensor(float(v.numel()))
+    order = torch.argsort(v, stable=True)
+    cumulative = torch.cumsum(w[order], 0)
+    target = (q - _QUANTILE_TIE_SLACK) * total
+    k = int(torch.searchsorted(cumulative, target, right=False).clamp(max=v.numel() - 1))
+    return v[order][k]
+
+
+def aggregate_baseline(values: torch.Tensor, weights: torch.Tensor, agg_mode: str,
+                       winsorize: tuple[float, float] = (0.05, 0.95)) -> torch.Tensor:
+    """One scope's baseline from its values and (finite, ≥ 0) weights, float64 scalar.
+
+    mean: Σ W v / Σ W.  median: weighted_quantile(v, W, 0.5).
+    winsorized_mean: v' = clamp(v, Q(lo), Q(hi)) with Q the weighted quantile, then Σ W v' / Σ W.
+    """
+    check_choice("grad_baselining.agg_mode", agg_mode, OPOB_AGG_MODES)
+    if agg_mode == "mean":
+        return weighted_mean(values, weights)
+    if agg_mode == "median":
+        return weighted_quantile(values, weights, 0.5)
+    low = weighted_quantile(values, weights, winsorize[0])
+    high = weighted_quantile(values, weights, winsorize[1])
+    return weighted_mean(values.double().clamp(min=low, max=high), weights)
+
+
+def opob_baselines(values: torch.Tensor, log_weights: torch.Tensor, group_ids: torch.Tensor | None,
+                   agg_mode: str = "mean", group: dist.ProcessGroup | None = None,
+                   winsorize: tuple[float, float] = (0.05, 0.95)) -> torch.Tensor:
+    """Per-trajectory baseline b_i of its scope, float32 [B].
+
+    b_G = aggregate_baseline({v_i}_{i∈G}, {W_i / max_{j∈G} W_j}_{i∈G}); for the mean this is
+    b* = Σ_{i∈G} W_i v_i / Σ_{i∈G} W_i, the minimum of Σ_i W_i (v_i − b)² over b.
+    - ``group_ids`` [B] given: one scope per id, local to this rank (whole groups per rank:
+      verify with ``assert_whole_groups``); ``group`` is unused.
+    - ``group_ids`` None: one scope over the global minibatch: (v, log W) of every rank of
+      ``group`` are all-gathered (B scalars each; one code path for all agg modes and the same
+      non-finite rule as in one process), and every rank computes the same b.
+    Weights come from ``log_weights`` through ``scope_normalized_weights`` (overflow-free, with
+    its non-finite rule).
+    """
+    if group_ids is None:
+        all_values = all_gather_rows(values.detach().double(), group)
+        all_log_weights = all_gather_rows(log_weights.detach().double(), group)
+        b = aggregate_baseline(all_values, scope_normalized_weights(all_log_weights), agg_mode, winsorize)
+        return torch.full_like(values, float(b), dtype=torch.float32)
+    out = torch.empty(values.shape, dtype=torch.float64, device=values.device)
+    for gid in group_ids.unique():
+        members = group_ids == gid
+        out[members] = aggregate_baseline(values[members], scope_normalized_weights(log_weights[members]),
+                                          agg_mode, winsorize)
+    return out.float()
+
+
+def opob_coefficients(values: torch.Tensor, baselines: torch.Tensor, group_ids: torch.Tensor | None = None,
+                      norm_by_std: bool = False, std_eps: float = GROUP_STD_EPS) -> torch.Tensor:
+    """Per-trajectory coefficients c_i of the final gradient g = (1/B) Σ_i c_i s_i, float32 [B].
+
+    c_i = (v_i − b_i) / σ_{G(i)}  if norm_by_std, σ_G = population std of {v_j}_{j∈G}
+          (the group's rewards), replaced by 1 when σ_G ≤ std_eps;
+    c_i = v_i − b_i               otherwise (minibatch scope: v are advantages already normalised).
+    s_i = ∇θ[(w̃_i / L_i) Σ_t m_{i,t} log π_θ(y_{i,t})] is the truncated-IS, length-normalised score;
+    the loss that yields g is ``opob_surrogate_loss`` (its NEGATIVE gradient is g, so an
+    optimizer descending the loss ascends the objective along g). B is the global batch size.
+    """
+    c = values.double() - baselines.double()
+    if norm_by_std:
+        if group_ids is None:
+            raise ValueError("norm_by_std needs group_ids (it divides by each group's reward std)")
+        for gid in group_ids.unique():
+            members = group_ids == gid
+            std = values[members].double().std(unbiased=False)
+            if std > std_eps:
+                c[members] = c[members] / std
+    return c.float()
+
+
+class OPOBResult(NamedTuple):
+    coefficients: torch.Tensor
+    baselines: torch.Tensor
+    log_weights: torch.Tensor
+
+
+def compute_opob(config: GradBaseliningConfig, values: torch.Tensor, sq_grad_norms: torch.Tensor,
+                 log_w: torch.Tensor, w_trunc: torch.Tensor, lengths: torch.Tensor,
+                 group_ids: torch.Tensor | None, group: dist.ProcessGroup | None = None) -> OPOBResult:
+    """Weights → baselines → coefficients of one minibatch, as the config says.
+
+    Group scope: values = rewards R_i, one baseline per ``group_ids`` group, c = (R − b_G)/σ_G
+    with ``norm_by_std``. Minibatch scope: values = advantages, one baseline over every rank of
+    ``group`` (the data-parallel group: each trajectory once), c = A − b.
+    """
+    log_weights = opob_log_weights(sq_grad_norms, log_w, w_trunc, lengths, config)
+    winsorize = (config.winsorize_lower, config.winsorize_upper)
+    if config.scope == "group":
+        if group_ids is None:
+            raise ValueError("OPOB scope 'group' needs group_ids (see group_ids_from_uids)")
+        baselines = opob_baselines(values, log_weights, group_ids, config.agg_mode, winsorize=winsorize)
+        coefficients = opob_coefficients(values, baselines, group_ids, config.norm_by_std)
+    else:
+        baselines = opob_baselines(values, log_weights, None, config.agg_mode, group, winsorize)
+        coefficients = opob_coefficients(values, baselines)
+    return OPOBResult(coefficients, baselines, log_weights)
+
+
+def opob_loss_coefficients(coefficients: torch.Tensor, w_trunc: torch.Tensor, lengths: torch.Tensor,
+                           global_batch_size: int) -> torch.Tensor:
+    """k_i = ∂ℓ/∂f_i = −c_i w̃_i / (max(L_i, 1) · B), float32 [B], for ℓ = Σ_i k_i f_i.
+
+    f_i = Σ_t m_{i,t} log π_θ(y_{i,t}), so −∇ℓ = (1/B) Σ_i c_i s_i = g: the per-trajectory factors
+    that turn ∇f_i into the OPOB-weighted update (e.g. for
+    ``PerTrajectoryGradNorms.accumulate_weighted_grads``). B is the GLOBAL minibatch size, so
+    summing every rank's gradient (all-reduce SUM) gives exactly g.
+    """
+    return -(coefficients.detach().float() * w_trunc.detach().float()
+             / (lengths.float().clamp(min=1.0) * global_batch_size))
+
+
+def opob_surrogate_loss(log_prob: torch.Tensor, response_mask: torch.Tensor, coefficients: torch.Tensor,
+                        w_trunc: torch.Tensor, global_batch_size: int) -> torch.Tensor:
+    """ℓ = −(1/B) Σ_i c_i (w̃_i / L_i) Σ_t m_{i,t} log π_θ(y_{i,t}) = Σ_i k_i f_i, so −∇ℓ = g.
+
+    The bypass-mode VCPO loss with each trajectory's advantage replaced by its OPOB coefficient
+    (c_i and w̃_i detached), L_i = max(Σ_t m_{i,t}, 1); see ``opob_loss_coefficients``.
+    """
+    k = opob_loss_coefficients(coefficients, w_trunc, response_mask.float().sum(-1), global_batch_size)
+    return (k * masked_sum(log_prob.float(), response_mask, dim=-1)).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics
+# ----------------------------------------------------------------------------------------------
+
+# Fixed log10 bin edges for the per-trajectory gradient-norm histogram, so steps compare.
+GRAD_NORM_LOG10_EDGES = np.linspace(-6.0, 6.0, 25)
+
+
+def vcpo_metrics(log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor,
+                 tis_clip: float, ess: GlobalESS, ess_clipped: GlobalESS, lr_scale: float,
+                 sq_grad_norms: torch.Tensor | None = None, baselines: torch.Tensor | None = None,
+                 log_weights: torch.Tensor | None = None, group: dist.ProcessGroup | None = None,
+                 prefix: str = "vcpo") -> dict[str, float | np.ndarray]:
+    """The VCPO diagnostics of one minibatch, reduced over ``group`` (every rank gets the same).
+
+    - ESS, ESS ratio (raw and from truncated weights), the lr scale, and a flag set when any
+      log w was NaN or +inf (the ESS then came from the non-finite rule);
+    - sequence IS weight w: mean (float64; inf if it overflows), max, mean log w, fraction
+      truncated (w > C), counts of +inf and NaN log w;
+    - KL(rollout‖policy) with the k3 estimator on rollout samples, per token:
+      r = π/μ, k3 = (r − 1) − log r, E_μ[k3] = KL(μ‖π), averaged over response tokens;
+    - per-trajectory gradient norms ‖∇log π(τ_i)‖ (mean, max, histogram of log10 over
+      ``GRAD_NORM_LOG10_EDGES``, values outside clipped into the end bins);
+    - OPOB baselines (mean, min, max) and the count of non-finite log W.
+    """
+    log_w = sequence_log_weights(log_prob, rollout_log_prob, response_mask)
+    all_log_w = all_gather_rows(log_w.detach().double(), group)
+    finite = all_log_w[torch.isfinite(all_log_w)]
+    w = torch.exp(all_log_w)
+    log_ratio = (log_prob.detach().double() - rollout_log_prob.detach().double())
+    k3 = torch.expm1(log_ratio) - log_ratio
+    token_stats = torch.stack([masked_sum(k3, response_mask.double()), response_mask.double().sum()])
+    _all_reduce_sum(token_stats, group)
+    metrics: dict[str, float | np.ndarray] = {
+        f"{prefix}/ess": ess.ess,
+        f"{prefix}/ess_ratio": ess.ess_ratio,
+        f"{prefix}/ess_clipped": ess_clipped.ess,
+        f"{prefix}/ess_ratio_clipped": ess_clipped.ess_ratio,
+        f"{prefix}/ess_nonfinite": float(not ess.is_finite or ess.num_posinf > 0),
+        f"{prefix}/lr_scale": float(lr_scale),
+        f"{prefix}/is_weight/mean": float(w[~torch.isnan(w)].mean()) if (~torch.isnan(w)).any() else float("nan"),
+        f"{prefix}/is_weight/max": float(w[~torch.isnan(w)].max()) if (~torch.isnan(w)).any() else float("nan"),
+        f"{prefix}/is_weight/log_mean": float(finite.mean()) if finite.numel() else float("nan"),
+        f"{prefix}/is_weight/frac_truncated": float((all_log_w > math.log(tis_clip)).double().mean()),
+        f"{prefix}/is_weight/num_posinf": float(torch.isposinf(all_log_w).sum()),
+        f"{prefix}/is_weight/num_nan": float(torch.isnan(all_log_w).sum()),
+        f"{prefix}/kl_rollout_policy_k3": float(token_stats[0] / token_stats[1].clamp(min=1.0)),
+    }
+    if sq_grad_norms is not None:
+        norms = all_gather_rows(sq_grad_norms.detach().double(), group).clamp(min=0.0).sqrt()
+        log10 = np.clip(np.log10(np.maximum(norms.cpu().numpy(), 1e-300)),
+                        GRAD_NORM_LOG10_EDGES[0], GRAD_NORM_LOG10_EDGES[-1])
+        counts, _ = np.histogram(log10, bins=GRAD_NORM_LOG10_EDGES)
+        metrics[f"{prefix}/traj_grad_norm/mean"] = float(norms.mean())
+        metrics[f"{prefix}/traj_grad_norm/max"] = float(norms.max())
+        metrics[f"{prefix}/traj_grad_norm/log10_hist_counts"] = counts
+        metrics[f"{prefix}/traj_grad_norm/log10_hist_edges"] = GRAD_NORM_LOG10_EDGES.copy()
+    if baselines is not None:
+        b = all_gather_rows(baselines.detach().double(), group)
+        metrics[f"{prefix}/opob_baseline/mean"] = float(b.mean())
+        metrics[f"{prefix}/opob_baseline/min"] = float(b.min())
+        metrics[f"{prefix}/opob_baseline/max"] = float(b.max())
+    if log_weights is not None:
+        lw = all_gather_rows(log_weights.detach().double(), group)
+        metrics[f"{prefix}/opob_weight/num_nonfinite"] = float((~torch.isfinite(lw) & ~torch.isneginf(lw)).sum())
+    return metrics
