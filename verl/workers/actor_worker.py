@@ -1,0 +1,109 @@
+"""One data-parallel rank of the torch actor, run as a Ray actor (trainer -> actor -> param sync).
+
+Owns the policy model, optimizer and lr schedule; ranks form one torch.distributed group
+(gloo on CPU, NCCL on GPU) so gradients average across them inside ``update_policy``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from verl.models.loader import load_model_and_tokenizer
+from verl.protocol import DataProto
+from verl.workers.actor.config import ActorConfig
+from verl.workers.actor.dp_actor import DataParallelPPOActor, build_optimizer_and_scheduler
+
+
+class ActorWorker:
+    def __init__(
+        self,
+        model_path: str,
+        actor_config: ActorConfig,
+        total_training_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 0,
+        num_threads: int = 1,
+        seed: int = 0,
+        dtype: str = "float32",
+        device: str = "cpu",
+    ):
+        torch.set_num_threads(num_threads)
+        self.rank, self.world_size = rank, world_size
+        if world_size > 1:
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
+            dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
+        torch.manual_seed(seed)
+        self.module, self.tokenizer = load_model_and_tokenizer(model_path, dtype=dtype)
+        self.module.to(device)
+        self.optimizer, self.lr_scheduler = build_optimizer_and_scheduler(
+            self.module, actor_config.optim, total_training_steps
+        )
+        self.actor = DataParallelPPOActor(
+            actor_config, self.module, self.optimizer, self.lr_scheduler,
+            process_group=dist.group.WORLD if world_size > 1 else None,
+        )
+
+    def compute_log_prob(self, data: DataProto) -> DataProto:
+        log_probs, _ = self.actor.compute_log_prob(data)
+        return DataProto.from_dict(tensors={"old_log_probs": log_probs})
+
+    def update_policy(self, data: DataProto) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = self.actor.update_policy(data)
+        metrics["timing/update_actor_s"] = time.perf_counter() - t0
+        return metrics
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """Full HF-named weights for the rollout engines (only rank 0 is asked)."""
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def save_checkpoint(self, directory: str) -> None:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            torch.save(
+                {
+                    "model": self.module.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+                },
+                path / "actor.pt",
+            )
+        torch.save(_rng_state(), path / f"actor_rng_rank{self.rank}.pt")
+
+    def load_checkpoint(self, directory: str) -> None:
+        path = Path(directory)
+        state = torch.load(path / "actor.pt", map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        rng_file = path / f"actor_rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+
+    def export_hf(self, directory: str) -> None:
+        """Write the current policy as a Hugging Face checkpoint (model + tokenizer)."""
+        if self.rank == 0:
+            self.module.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
