@@ -8,7 +8,12 @@ import torch
 from safetensors import safe_open
 from transformers import Qwen2ForCausalLM
 
-from verl.models import build_char_tokenizer, build_tiny_model_dir, load_model_and_tokenizer, tiny_qwen2_config
+from verl.models import (
+    build_char_tokenizer,
+    build_tiny_model_dir,
+    load_model_and_tokenizer,
+    tiny_qwen2_config,
+)
 from verl.models.presets import round_up_vocab_size
 from verl.utils.config import ConfigError
 

@@ -14,8 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from verl.trainer.ppo.core_algos import ADV_ESTIMATORS
-from verl.utils.dataset.countdown import CountdownConfig
 from verl.utils.config import ConfigError, check_choice, check_divisible, check_positive
+from verl.utils.dataset.countdown import CountdownConfig
 from verl.utils.reward_score import RewardConfig
 from verl.utils.tracking import check_loggers
 from verl.workers.actor.config import ActorConfig
