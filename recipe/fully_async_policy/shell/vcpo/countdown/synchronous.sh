@@ -15,10 +15,10 @@ args=(
   data.max_response_length=16
   algorithm.adv_estimator=grpo
   actor.ppo_mini_batch_size=128
-  actor.optim.lr=1e-4
+  actor.optim.lr=5e-5
   actor.loss_agg_mode=seq-mean-token-mean
   actor.policy_loss.mode=bypass
-  trainer.total_training_steps=250
+  trainer.total_training_steps=300
   trainer.val_freq=25
 )
 
