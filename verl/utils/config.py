@@ -16,6 +16,11 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"invalid config {key}={value!r}: {allowed}")
 
+    def __reduce__(self):
+        # Rebuild from the constructor's arguments so the error survives pickling (Ray
+        # re-raises exceptions from actors in the driver).
+        return type(self), (self.key, self.value, self.allowed)
+
 
 def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)

@@ -54,7 +54,7 @@ def test_sampling_params_follow_the_config():
     assert (mean_at_n.temperature, mean_at_n.top_p, mean_at_n.top_k) == (1.0, 1.0, -1)
 
 
-def test_factory_builds_torch_engine_and_rejects_vllm():
+def test_factory_builds_torch_engine_and_validates_first():
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=64)).eval()
@@ -62,8 +62,6 @@ def test_factory_builds_torch_engine_and_rejects_vllm():
                                   model, None)
     assert isinstance(engine, TorchRolloutEngine)
     assert (engine.max_batch_size, engine.max_seq_len, engine.version) == (3, 40, 0)
-    with pytest.raises(ConfigError, match="vLLM"):
-        build_rollout_engine(RolloutConfig(name="vllm"), model, None)
     with pytest.raises(ConfigError):
         build_rollout_engine(RolloutConfig(top_p=2.0), model, None)
 

@@ -12,6 +12,8 @@ from verl.utils.config import ConfigError, check_choice, check_positive, check_r
 from verl.workers.rollout.base import SamplingParams
 
 ROLLOUT_BACKENDS: tuple[str, ...] = ("torch", "vllm")
+VLLM_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+VLLM_LOGPROBS_MODES: tuple[str, ...] = ("processed_logprobs", "raw_logprobs")
 
 
 def _check_sampling(prefix: str, temperature: float, top_p: float, top_k: int) -> None:
@@ -44,6 +46,42 @@ class ValKwargs:
 
 
 @dataclass
+class VLLMConfig:
+    """Knobs of the vLLM engine (``rollout.name=vllm``); the torch engine ignores them.
+
+    ``logprobs_mode`` picks which log-prob vLLM reports for each sampled token y (z = logits,
+    T = temperature, S = the tokens sampling may pick: top-k/top-p kept set minus the pad token):
+    ``processed_logprobs`` gives log q(y) = log_softmax_S(z / T)[y], the distribution actually
+    sampled from, equal to the engine contract's full-vocabulary log_softmax(z / T)[y] up to
+    -log mu(S); ``raw_logprobs`` gives log_softmax(z)[y] before temperature and truncation,
+    which equals the contract exactly at T = 1 whatever the truncation.
+    ``kv_cache_space_gib`` sizes the KV cache on CPU (``VLLM_CPU_KVCACHE_SPACE``);
+    ``gpu_memory_utilization`` is its GPU counterpart. ``in_process`` runs vLLM's engine core in
+    this process (starts in seconds on CPU); tensor parallelism > 1 needs it off.
+    """
+
+    dtype: str = "float32"
+    logprobs_mode: str = "processed_logprobs"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    kv_cache_space_gib: int = 1
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = False
+    in_process: bool = True
+
+    def validate(self, prefix: str) -> None:
+        check_choice(f"{prefix}.dtype", self.dtype, VLLM_DTYPES)
+        check_choice(f"{prefix}.logprobs_mode", self.logprobs_mode, VLLM_LOGPROBS_MODES)
+        check_positive(f"{prefix}.tensor_parallel_size", self.tensor_parallel_size)
+        check_range(f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, 0.01, 1.0)
+        check_positive(f"{prefix}.kv_cache_space_gib", self.kv_cache_space_gib)
+        if self.tensor_parallel_size > 1 and self.in_process:
+            raise ConfigError(f"{prefix}.in_process", self.in_process,
+                              f"must be false when {prefix}.tensor_parallel_size={self.tensor_parallel_size} "
+                              "(tensor-parallel workers are separate processes)")
+
+
+@dataclass
 class RolloutConfig:
     """Engine choice and sampling for training rollouts.
 
@@ -62,6 +100,7 @@ class RolloutConfig:
     stop_strings: list[str] = field(default_factory=list)
     seed: int = 0
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def validate(self, prefix: str) -> None:
         check_choice(f"{prefix}.name", self.name, ROLLOUT_BACKENDS)
@@ -75,6 +114,7 @@ class RolloutConfig:
         if any(not s for s in self.stop_strings):
             raise ConfigError(f"{prefix}.stop_strings", self.stop_strings, "must not contain empty strings")
         self.val_kwargs.validate(f"{prefix}.val_kwargs")
+        self.vllm.validate(f"{prefix}.vllm")
 
     def sampling_params(self, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
         """Per-request settings for a training rollout."""
