@@ -78,7 +78,7 @@ class WarmStartConfig:
     """Supervised warm start on solver solutions, cached by its settings so it runs once."""
 
     enable: bool = True
-    steps: int = 600
+    steps: int = 150  # ~30 s on 2 cores: ~18% greedy, leaving RL room to show
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -152,6 +152,61 @@ class TrainerLoopConfig:
 
 
 @dataclass
+class AsyncTrainingConfig:
+    """The fully-async pipeline (rollouter -> queue -> trainer -> param sync).
+
+    ``k`` is the maximum sampler-learner lag: a trajectory trained at trainer step t (weights
+    version t - 1) was started at version >= t - 1 - k. k = 0 is synchronous training through
+    the same pipeline. ``require_batches`` data batches (of ``data.train_batch_size`` prompts)
+    make one trainer step; ``trigger_parameter_sync_step`` trainer steps pass between weight
+    syncs. ``queue_max_groups`` = 0 sizes the queue at its proven bound (k + 1) * groups per
+    step. ``num_threads_per_worker`` = 0 keeps ``trainer.num_threads_per_worker`` when k = 0
+    (phases alternate) and uses one torch thread per actor when k > 0 (phases overlap).
+    The ``test_*_delay_max_s`` hooks sleep a uniform random time (seeded) before each rollout
+    generate call and each trainer update; they exist so tests can vary relative speeds.
+    """
+
+    k: int = 0
+    partial_rollout: bool = False
+    trigger_parameter_sync_step: int = 1
+    require_batches: int = 1
+    num_rollout_replicas: int = 1
+    queue_max_groups: int = 0
+    num_threads_per_worker: int = 0
+    queue_timeout_s: float = 600.0
+    test_rollout_delay_max_s: float = 0.0
+    test_train_delay_max_s: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        check_positive(f"{prefix}.k", self.k, allow_zero=True)
+        check_positive(f"{prefix}.trigger_parameter_sync_step", self.trigger_parameter_sync_step)
+        check_positive(f"{prefix}.require_batches", self.require_batches)
+        check_positive(f"{prefix}.num_rollout_replicas", self.num_rollout_replicas)
+        check_positive(f"{prefix}.queue_max_groups", self.queue_max_groups, allow_zero=True)
+        check_positive(f"{prefix}.num_threads_per_worker", self.num_threads_per_worker, allow_zero=True)
+        check_positive(f"{prefix}.queue_timeout_s", self.queue_timeout_s)
+        check_positive(f"{prefix}.test_rollout_delay_max_s", self.test_rollout_delay_max_s, allow_zero=True)
+        check_positive(f"{prefix}.test_train_delay_max_s", self.test_train_delay_max_s, allow_zero=True)
+        # The batch of step t needs weights of version >= t - 1 - k, and with a sync every s
+        # steps the rollouter may be s - 1 versions behind: k < s - 1 would wait forever.
+        if self.k < self.trigger_parameter_sync_step - 1:
+            raise ConfigError(f"{prefix}.trigger_parameter_sync_step", self.trigger_parameter_sync_step,
+                              f"must be <= {prefix}.k + 1 = {self.k + 1} (the rollouter could never start "
+                              "the next batch within the lag bound)")
+
+    def groups_per_step(self, train_batch_size: int) -> int:
+        return train_batch_size * self.require_batches
+
+    def queue_capacity(self, train_batch_size: int) -> int:
+        return self.queue_max_groups or (self.k + 1) * self.groups_per_step(train_batch_size)
+
+    def threads_per_worker(self, sync_threads: int) -> int:
+        if self.num_threads_per_worker:
+            return self.num_threads_per_worker
+        return sync_threads if self.k == 0 else 1
+
+
+@dataclass
 class TrainerConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -160,6 +215,7 @@ class TrainerConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerLoopConfig = field(default_factory=TrainerLoopConfig)
+    async_training: AsyncTrainingConfig = field(default_factory=AsyncTrainingConfig)
 
     def validate(self) -> "TrainerConfig":
         self.data.validate("data")
@@ -169,6 +225,7 @@ class TrainerConfig:
         self.algorithm.validate("algorithm")
         self.reward.validate("reward")
         self.trainer.validate("trainer")
+        self.async_training.validate("async_training")
         self._validate_cross_section()
         return self
 
@@ -186,7 +243,7 @@ class TrainerConfig:
                 "rollout.n", self.rollout.n,
                 f"must be >= 2 with algorithm.adv_estimator={self.algorithm.adv_estimator} (group baselines need 2+ samples)",
             )
-        num_trajectories = self.data.train_batch_size * self.rollout.n
+        num_trajectories = self.async_training.groups_per_step(self.data.train_batch_size) * self.rollout.n
         check_divisible("actor.ppo_mini_batch_size", num_trajectories, self.actor.ppo_mini_batch_size,
                         "actor.ppo_mini_batch_size")
         mini = self.actor.ppo_mini_batch_size
@@ -199,8 +256,14 @@ class TrainerConfig:
                               f"must be divisible by trainer.actor_world_size={world} (data-parallel ranks)")
         if num_trajectories % world:
             raise ConfigError("data.train_batch_size", self.data.train_batch_size,
-                              f"train_batch_size*rollout.n={num_trajectories} must be divisible by "
-                              f"trainer.actor_world_size={world}")
+                              f"train_batch_size*require_batches*rollout.n={num_trajectories} must be divisible "
+                              f"by trainer.actor_world_size={world}")
+        at = self.async_training
+        needed_queue = (at.k + 1) * at.groups_per_step(self.data.train_batch_size)
+        if at.queue_max_groups and at.queue_max_groups < needed_queue:
+            raise ConfigError("async_training.queue_max_groups", at.queue_max_groups,
+                              f"must be 0 (auto) or >= (k + 1) * train_batch_size * require_batches = {needed_queue}, "
+                              "the most groups admission control lets finish ahead of the trainer")
 
 
 def register_configs() -> None:

@@ -6,7 +6,9 @@ Runs inside a Ray actor; weights arrive through ``update_weights`` (param sync).
 
 from __future__ import annotations
 
+import hashlib
 import time
+from dataclasses import replace
 from typing import Any, Iterable
 
 import torch
@@ -15,7 +17,7 @@ from verl.models.loader import load_model_and_tokenizer
 from verl.protocol import DataProto, to_object_array
 from verl.utils.reward_score import RewardManager
 from verl.workers.rollout import build_rollout_engine
-from verl.workers.rollout.base import GenerationRequest, SamplingParams
+from verl.workers.rollout.base import GenerationRequest, SamplingParams, Trajectory
 from verl.workers.rollout.batch import trajectories_to_batch
 from verl.workers.rollout.config import RolloutConfig
 
@@ -51,31 +53,35 @@ class RolloutWorker:
                 self.config.val_kwargs.mean_at_n_samples
         raise ValueError(f"unknown sampling mode {mode!r}: expected 'train', 'greedy' or 'mean_at_n'")
 
-    def generate_sequences(self, prompts: DataProto, mode: str = "train", seed: int = 0) -> DataProto:
-        """Sample responses for every prompt (``rollout.n`` of them in ``train`` mode), score
-        them, and return the padded batch.
-
-        Trajectory j of prompt i gets ``request_id = f"{uid_i}/{j}"`` and shares ``uid_i``.
-        """
-        t0 = time.perf_counter()
+    def make_requests(self, prompts: DataProto, mode: str = "train",
+                      seed: int = 0) -> tuple[list[GenerationRequest], list[int]]:
+        """One request per sampled response (``rollout.n`` per prompt in ``train`` mode) and, for
+        each, the row of its prompt. Response j of prompt i gets ``request_id = f"{uid_i}/{j}"``
+        and its own sampling seed ``request_seed(seed, request_id, 0)``, so what it samples does
+        not depend on which other requests share the engine with it."""
         sampling, n = self._sampling(mode)
         nt = prompts.non_tensor_batch
         requests, rows = [], []
         for i in range(len(prompts)):
             for j in range(n):
-                requests.append(
-                    GenerationRequest(request_id=f"{nt['uid'][i]}/{j}", prompt_ids=list(nt["raw_prompt_ids"][i]),
-                                      sampling=sampling)
-                )
+                request_id = f"{nt['uid'][i]}/{j}"
+                requests.append(GenerationRequest(
+                    request_id=request_id, prompt_ids=list(nt["raw_prompt_ids"][i]),
+                    sampling=replace(sampling, seed=request_seed(seed, request_id, 0)),
+                ))
                 rows.append(i)
-        self.engine.set_seed(seed)
-        trajectories = self.engine.generate(requests)
-        gen_s = time.perf_counter() - t0
+        return requests, rows
 
+    def assemble(self, trajectories: list[Trajectory], prompts: DataProto, rows: list[int],
+                 mode: str = "train", gen_s: float = 0.0) -> DataProto:
+        """Score finished trajectories and pad them into the training batch layout; trajectory i
+        answers prompt row ``rows[i]`` of ``prompts``."""
+        nt = prompts.non_tensor_batch
         info = {k: [nt[k][r] for r in rows] for k in ("uid", "data_source", "ground_truth", "extra_info")}
+        temperature = self._sampling(mode)[0].temperature
         batch = trajectories_to_batch(
             trajectories, info, self.tokenizer.pad_token_id, self.max_prompt_length, self.config.max_new_tokens,
-            meta_info={"temperature": sampling.temperature},
+            meta_info={"temperature": temperature},
         )
         texts = [self.tokenizer.decode(t.response_ids, skip_special_tokens=True) for t in trajectories]
         t1 = time.perf_counter()
@@ -83,6 +89,11 @@ class RolloutWorker:
             info["data_source"], texts, info["ground_truth"], info["extra_info"]
         )
         batch.non_tensor_batch["response_text"] = to_object_array(texts)
+        # Per-token weight versions (-1 on padding): a partial rollout spans several.
+        versions = torch.full_like(batch.batch["responses"], -1)
+        for i, traj in enumerate(trajectories):
+            versions[i, :len(traj.response_versions)] = torch.tensor(traj.response_versions, dtype=torch.long)
+        batch.batch["rollout_param_versions"] = versions
         batch.batch["token_level_scores"] = place_on_last_token(
             torch.as_tensor(scores, dtype=torch.float32), batch.batch["response_mask"]
         )
@@ -100,6 +111,14 @@ class RolloutWorker:
         )
         return batch
 
+    def generate_sequences(self, prompts: DataProto, mode: str = "train", seed: int = 0) -> DataProto:
+        """Sample responses for every prompt (``rollout.n`` of them in ``train`` mode), score
+        them, and return the padded batch (request ids and seeds as in ``make_requests``)."""
+        t0 = time.perf_counter()
+        requests, rows = self.make_requests(prompts, mode, seed)
+        trajectories = self.engine.generate(requests)
+        return self.assemble(trajectories, prompts, rows, mode, gen_s=time.perf_counter() - t0)
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, Any], version: int) -> float:
         t0 = time.perf_counter()
         items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
@@ -108,6 +127,14 @@ class RolloutWorker:
 
     def version(self) -> int:
         return self.engine.version
+
+
+def request_seed(base_seed: int, request_id: str, num_response_tokens: int) -> int:
+    """The sampling seed of one request: a stable 63-bit hash of (run seed, request id, tokens
+    already generated). A partial rollout resumed after ``m`` tokens gets a fresh stream
+    (``m`` differs), so its later tokens do not reuse the noise of its first ones."""
+    digest = hashlib.blake2b(f"{base_seed}/{request_id}/{num_response_tokens}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def place_on_last_token(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

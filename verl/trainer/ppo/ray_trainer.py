@@ -1,13 +1,15 @@
-"""The single controller: drives rollout workers and actor ranks (Ray actors) step by step.
+"""The single controller: drives the rollout pipeline and actor ranks (Ray actors) step by step.
 
-dataset -> [RolloutWorker: generate + reward] -> advantages -> [ActorWorker x DP: update]
--> param sync back to the rollout engine. Synchronous (k = 0) training; the fully-async
-recipe replaces ``_produce_batch`` with a bounded queue and keeps the rest.
+dataset -> [AsyncRolloutPipeline: rollouters -> queue] -> advantages -> [ActorWorker x DP: update]
+-> param sync back to the rollout engines. One code path for every lag bound: k = 0 is
+synchronous training (the rollouter only starts a step's prompts once it holds that step's
+weights); k > 0 overlaps rollout and training with every trajectory's lag <= k.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import socket
 import time
@@ -21,6 +23,7 @@ import ray
 import torch
 from omegaconf import OmegaConf
 
+from recipe.fully_async_policy.pipeline import AsyncRolloutPipeline
 from verl.protocol import DataProto
 from verl.trainer.config import TrainerConfig
 from verl.trainer.ppo.core_algos import compute_advantage
@@ -28,10 +31,10 @@ from verl.utils.dataset.rl_dataset import PromptSampler, RLDataset, collate_prom
 from verl.utils.reward_score import check_data_sources
 from verl.utils.tracking import Tracking
 from verl.workers.actor_worker import ActorWorker
-from verl.workers.rollout_worker import RolloutWorker
 
 CHECKPOINT_PREFIX = "global_step_"
 COMPLETE_MARKER = "COMPLETE"
+TRAJECTORY_LOG = "trajectories.jsonl"
 
 
 def _free_port() -> int:
@@ -41,8 +44,7 @@ def _free_port() -> int:
 
 
 def _rollout_seed(base_seed: int, step: int, salt: int = 0) -> int:
-    # A fresh, reproducible sampling seed per step: resuming at step s samples exactly what
-    # the uninterrupted run sampled at step s.
+    # A reproducible base seed; each request derives its own stream from it and its request id.
     return (base_seed * 1_000_003 + step * 7_919 + salt) % (2**31 - 1)
 
 
@@ -72,13 +74,13 @@ class RayPPOTrainer:
 
     # ------------------------------------------------------------------ workers
     def init_workers(self) -> None:
-        tc, n_threads = self.config.trainer, self.config.trainer.num_threads_per_worker
+        tc, at = self.config.trainer, self.config.async_training
+        n_threads = at.threads_per_worker(tc.num_threads_per_worker)
         env = {"env_vars": {"OMP_NUM_THREADS": str(n_threads), "TOKENIZERS_PARALLELISM": "false"}}
-        cpu_share = tc.ray_num_cpus / (tc.actor_world_size + 1)
-        rollout_cls = ray.remote(num_cpus=cpu_share, runtime_env=env)(RolloutWorker)
-        self.rollout = rollout_cls.remote(
-            self.model_path, self.config.rollout, self.config.data.max_prompt_length, self.config.reward.timeout_s,
-            num_threads=n_threads, dtype=self.config.model.dtype, device=tc.device,
+        cpu_share = tc.ray_num_cpus / (tc.actor_world_size + at.num_rollout_replicas)
+        self.pipeline = AsyncRolloutPipeline(
+            self.config, self.model_path, self.train_dataset, self.sampler, self.tokenizer.pad_token_id,
+            num_threads=n_threads, cpu_share=cpu_share, env=env,
         )
         actor_cls = ray.remote(num_cpus=cpu_share, runtime_env=env)(ActorWorker)
         port = _free_port()
@@ -89,21 +91,10 @@ class RayPPOTrainer:
             )
             for r in range(tc.actor_world_size)
         ]
-        ray.get([a.__ray_ready__.remote() for a in self.actors] + [self.rollout.__ray_ready__.remote()])
+        ray.get([a.__ray_ready__.remote() for a in self.actors] + self.pipeline.ready())
+        self._delay_rng = random.Random(tc.seed)
 
     # ------------------------------------------------------------------ one step
-    def _next_prompts(self, step: int) -> DataProto:
-        indices = self.sampler.next_batch()
-        items = [self.train_dataset[i] for i in indices]
-        prompts = collate_prompts(items, self.tokenizer.pad_token_id)
-        prompts.non_tensor_batch["uid"] = np.array([f"s{step}-i{i}" for i in indices], dtype=object)
-        return prompts
-
-    def _produce_batch(self, step: int) -> DataProto:
-        prompts = self._next_prompts(step)
-        seed = _rollout_seed(self.config.trainer.seed, step)
-        return ray.get(self.rollout.generate_sequences.remote(prompts, "train", seed))
-
     def _update_actor(self, batch: DataProto) -> dict[str, float]:
         shards = batch.chunk_by_group(len(self.actors), key="uid") if len(self.actors) > 1 else [batch]
         results = ray.get([a.update_policy.remote(s) for a, s in zip(self.actors, shards)])
@@ -114,25 +105,50 @@ class RayPPOTrainer:
         outs = ray.get([a.compute_log_prob.remote(s) for a, s in zip(self.actors, shards)])
         return batch.union(DataProto.concat(outs))
 
-    def _sync_weights(self, version: int) -> float:
-        t0 = time.perf_counter()
-        weights = self.actors[0].get_weights.remote()
-        ray.get(self.rollout.update_weights.remote(weights, version))
-        return time.perf_counter() - t0
-
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        batch = self._produce_batch(step)
+        at = self.config.async_training
+        batch, metrics = self.pipeline.next_batch(step)
         batch.meta_info["global_steps"] = step
         batch = compute_advantage(batch, self.config.algorithm)
         if self.config.actor.recompute_old_log_prob:
             batch = self._recompute_old_log_probs(batch)
-        metrics = {k: v for k, v in batch.meta_info.items() if isinstance(v, (int, float)) and "/" in k}
+        if at.test_train_delay_max_s:
+            time.sleep(self._delay_rng.uniform(0.0, at.test_train_delay_max_s))
+        t_update = time.perf_counter()
         metrics.update(self._update_actor(batch))
-        metrics["timing/param_sync_s"] = self._sync_weights(version=step)
+        metrics["timing/train_s"] = time.perf_counter() - t_update
+        if step % at.trigger_parameter_sync_step == 0:
+            metrics.update(self.pipeline.sync_weights(version=step))
         metrics.update(compute_data_metrics(batch))
-        metrics["timing/step_s"] = time.perf_counter() - t0
+        self._log_trajectories(step, batch)
+        step_s = time.perf_counter() - t0
+        num_tokens = float(batch.batch["response_mask"].sum())
+        metrics.update({
+            "timing/step_s": step_s,
+            "trainer/idle_ratio": metrics["timing/queue_wait_s"] / step_s,
+            "perf/samples_per_s": len(batch) / step_s,
+            "perf/tokens_per_s": num_tokens / step_s,
+        })
         return metrics
+
+    def _log_trajectories(self, step: int, batch: DataProto) -> None:
+        """Append one record per trained trajectory to ``trajectories.jsonl`` (the uid ledger a
+        resume is checked against), with its versions and, when old log-probs were recomputed,
+        its sequence log IS weight log w = sum_t (log pi_theta - log mu) under the trained weights."""
+        nt, b = batch.non_tensor_batch, batch.batch
+        log_w = None
+        if "old_log_probs" in b:
+            log_w = ((b["old_log_probs"] - b["rollout_log_probs"]) * b["response_mask"]).sum(dim=1).tolist()
+        with open(self.run_dir / TRAJECTORY_LOG, "a") as f:
+            for i in range(len(batch)):
+                record = {"step": step, "uid": str(nt["uid"][i]), "request_id": str(nt["request_id"][i]),
+                          "param_version_start": int(nt["param_version_start"][i]),
+                          "param_version_end": int(nt["param_version_end"][i]),
+                          "param_version_trained": int(nt["param_version_trained"][i])}
+                if log_w is not None:
+                    record["log_is_weight"] = log_w[i]
+                f.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
@@ -150,7 +166,7 @@ class RayPPOTrainer:
             modes[f"mean_at_{n}_acc"] = "mean_at_n"
         metrics: dict[str, float] = {}
         for label, mode in modes.items():
-            out = ray.get(self.rollout.generate_sequences.remote(prompts, mode, seed))
+            out = self.pipeline.validate(prompts, mode, seed)
             scores = out.batch["token_level_scores"].sum(dim=1).numpy()
             metrics[f"val/{label}"] = float(scores.mean())
             by_source: dict[str, list[float]] = defaultdict(list)
@@ -175,7 +191,7 @@ class RayPPOTrainer:
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
         ray.get([a.save_checkpoint.remote(str(directory)) for a in self.actors])
-        state = {"global_step": step, "sampler": self.sampler.state_dict()}
+        state = {"global_step": step, "sampler": self.pipeline.data_state(step)}
         (directory / "trainer_state.json").write_text(json.dumps(state))
         (directory / COMPLETE_MARKER).write_text("")  # written last: a half-written checkpoint is ignored
         for old in self._checkpoint_dirs()[: -self.config.trainer.max_checkpoints_to_keep]:
@@ -199,7 +215,7 @@ class RayPPOTrainer:
         state = json.loads((directory / "trainer_state.json").read_text())
         self.sampler.load_state_dict(state["sampler"])
         step = int(state["global_step"])
-        self._sync_weights(version=step)
+        _truncate_trajectory_log(self.run_dir / TRAJECTORY_LOG, step)
         return step
 
     # ------------------------------------------------------------------ main loop
@@ -209,6 +225,10 @@ class RayPPOTrainer:
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.config)))
         self.init_workers()
         start = self.maybe_resume()
+        if start == 0:
+            # A fresh run owns its ledger; a resumed one keeps the records up to its checkpoint.
+            (self.run_dir / TRAJECTORY_LOG).unlink(missing_ok=True)
+        self.pipeline.start(start, weight_source=self.actors[0])
         tracker = Tracking(
             self.run_dir, tc.logger, config=asdict(self.config), total_steps=tc.total_training_steps,
             initial_step=start, project_name=tc.project_name, experiment_name=tc.experiment_name,
@@ -238,21 +258,23 @@ class RayPPOTrainer:
         return last_val
 
     def shutdown(self) -> None:
-        for worker in [*getattr(self, "actors", []), getattr(self, "rollout", None)]:
-            if worker is not None:
-                ray.kill(worker)
-        self.actors, self.rollout = [], None
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.shutdown()
+            self.pipeline = None
+        for worker in getattr(self, "actors", []):
+            ray.kill(worker)
+        self.actors = []
 
 
 def compute_data_metrics(batch: DataProto) -> dict[str, float]:
-    """Per-step batch statistics: rewards, advantages, response lengths, versions."""
+    """Per-step batch statistics: rewards, advantages, response lengths (staleness metrics come
+    from the pipeline)."""
     b = batch.batch
     mask = b["response_mask"]
     scores = b["token_level_scores"].sum(dim=1)
     lengths = mask.sum(dim=1)
     max_len = mask.shape[1]
     valid_adv = torch.masked_select(b["advantages"], mask.bool())
-    nt = batch.non_tensor_batch
     out = {
         "critic/score/mean": scores.mean().item(),
         "critic/score/max": scores.max().item(),
@@ -265,13 +287,16 @@ def compute_data_metrics(batch: DataProto) -> dict[str, float]:
         "response_length/clip_ratio": (lengths >= max_len).float().mean().item(),
         "rollout/num_trajectories": float(len(batch)),
     }
-    if "param_version_start" in nt:
-        step = batch.meta_info.get("global_steps")
-        if step is not None:
-            lag = (step - 1) - np.asarray(nt["param_version_start"], dtype=np.int64)
-            out["staleness/start_lag_max"] = float(lag.max())
-            out["staleness/start_lag_mean"] = float(lag.mean())
     return out
+
+
+def _truncate_trajectory_log(path: Path, last_step: int) -> None:
+    """Keep the ledger records of steps <= ``last_step``: later steps were trained by weights the
+    resume discards, so their groups are trained again and must be counted once."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def summarize_run(run_dir: str | Path) -> dict[str, Any]:

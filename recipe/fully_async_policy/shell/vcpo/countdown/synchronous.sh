@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Countdown, synchronous GRPO (k = 0) on the CPU default: tiny Qwen2-architecture model,
-# character tokenizer, cached SFT warm start, torch engine and torch actor.
+# character tokenizer, cached SFT warm start, torch engine and torch actor. It runs through the
+# fully-async pipeline with k = 0: the rollouter starts a step's prompts only once it holds
+# that step's weights, so every trajectory is trained by the weights that generated it.
 # Extra arguments are Hydra overrides, e.g. `trainer.total_training_steps=50 actor.optim.lr=5e-5`.
 set -euo pipefail
 cd "$(dirname "$0")/../../../../.."

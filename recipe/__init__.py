@@ -1,0 +1,1 @@
+"""Recipes built on the ``verl`` package; ``fully_async_policy`` is the asynchronous RL pipeline."""
