@@ -1,118 +1,206 @@
-"""Benchmark: cost of OPOB's per-trajectory gradient norms relative to a plain training step (trainer/actor).
+"""Benchmark: step time and peak memory of the actor's update with and without VCPO (trainer/actor).
 
-One micro-batch of B trajectories (prompt P, response R tokens, fp32, CPU) through the tiny/small
-Qwen2 presets; each row is the fastest of ``--repeats`` runs, and the last column divides by the
-plain step (forward + backward of the bypass loss):
-- batched norms only: ``per_trajectory_sq_grad_norms`` (its own forward, backward to the embeddings);
-- norms + second backward: one forward, norms with ``retain_graph``, then the weighted loss backward;
-- norms + deferred grads: one forward, norms with ``keep_factors``, then ``accumulate_weighted_grads``;
-- two-pass: batched norms, then an ordinary training step (any micro-batch split);
-- per_traj norms + step: the VCPO release's method (one forward/backward per trajectory).
+Side by side in one run, through the REAL ``DataParallelPPOActor.update_policy`` (one mini-batch,
+one AdamW step, fp32, CPU, one thread):
+- ``plain``: the VCPO recipe's loss without VCPO (bypass, sequence TIS, seq-mean-token-mean; the
+  ESS diagnostics are still computed, as in every run);
+- ``vcpo_batched``: ESS-scaled lr + OPOB (group scope, norm_by_std), batched per-trajectory norms
+  with deferred weight gradients (the default);
+- ``vcpo_per_traj``: the same with one forward/backward per trajectory for the norms (the release's way).
+With ``--assembly`` it also times the two ways of forming the OPOB gradient after the batched norms
+on one micro-batch (second backward on the retained graph vs deferred weight gradients).
 
-    PYTHONPATH=. python scripts/bench/vcpo_overhead.py --preset tiny --batch 64 --prompt 32 --response 16
+The machine may be shared, so timing interleaves the variants: one subprocess per (preset, B)
+builds the model and batch once and runs plain, vcpo_batched, vcpo_per_traj, ... in turn for
+``--repeats`` rounds (after one warm-up each); a cell is the fastest round. Peak memory comes from a
+fresh subprocess per cell: the growth of the process's peak RSS (``ru_maxrss``) from just before
+the first update through two updates, i.e. the extra memory the update needs over the loaded
+model and batch (CPU has no allocator statistics; RSS is what the OS had to give).
+Batches look like Countdown rollouts: groups of 8, prompts of 10-16 and responses of 4-16 tokens.
+
+    PYTHONPATH=. python scripts/bench/vcpo_overhead.py --presets tiny,small --batches 64,256 --assembly
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 from transformers import Qwen2ForCausalLM
 
 from verl.models.char_tokenizer import build_char_tokenizer
 from verl.models.presets import round_up_vocab_size, tiny_qwen2_config
-from verl.workers.actor.traj_grad_norms import (
-    PerTrajectoryGradNorms,
-    per_trajectory_sq_grad_norms,
-    response_log_probs,
-    trajectory_objective,
+from verl.protocol import DataProto
+from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+from verl.workers.actor.config import ActorConfig, OptimConfig, PolicyLossConfig
+from verl.workers.actor.dp_actor import DataParallelPPOActor, build_optimizer_and_scheduler
+from verl.workers.actor.traj_grad_norms import PerTrajectoryGradNorms, trajectory_objective
+from verl.workers.utils.vcpo import (
+    ESSScalingConfig,
+    GradBaseliningConfig,
+    opob_loss_coefficients,
+    opob_surrogate_loss,
 )
-from verl.workers.utils.vcpo import opob_loss_coefficients, opob_surrogate_loss
+
+VARIANTS = ("plain", "vcpo_batched", "vcpo_per_traj")
+ASSEMBLY = ("assembly_second_backward", "assembly_deferred")
+GROUP, PROMPT, RESPONSE = 8, 16, 16
 
 
-def fastest(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first calls pay for lazy initialisation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def build(preset: str, batch: int, seed: int) -> tuple[Qwen2ForCausalLM, DataProto]:
+    tokenizer = build_char_tokenizer()
+    vocab = round_up_vocab_size(len(tokenizer))
+    torch.manual_seed(seed)
+    config = tiny_qwen2_config(vocab, preset, pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.zeros(batch, PROMPT, dtype=torch.long)
+    responses = torch.zeros(batch, RESPONSE, dtype=torch.long)
+    response_mask = torch.zeros(batch, RESPONSE)
+    for i in range(batch):
+        p_len = int(torch.randint(10, PROMPT + 1, (1,), generator=gen))
+        r_len = int(torch.randint(4, RESPONSE + 1, (1,), generator=gen))
+        prompts[i, PROMPT - p_len:] = torch.randint(1, vocab, (p_len,), generator=gen)
+        responses[i, :r_len] = torch.randint(1, vocab, (r_len,), generator=gen)
+        response_mask[i, :r_len] = 1.0
+    attention_mask = torch.cat([(prompts != 0).long(), response_mask.long()], 1)
+    rewards = torch.zeros(batch, RESPONSE)
+    rewards[torch.arange(batch), response_mask.sum(-1).long() - 1] = (torch.rand(batch, generator=gen) < 0.4).float()
+    uids = np.array([f"g{i // GROUP}" for i in range(batch)], dtype=object)
+    data = DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
+                 "attention_mask": attention_mask,
+                 "position_ids": torch.clamp(attention_mask.cumsum(-1) - 1, min=0),
+                 "response_mask": response_mask, "token_level_rewards": rewards},
+        non_tensors={"uid": uids}, meta_info={"temperature": 1.0})
+    data.batch["advantages"] = compute_grpo_outcome_advantage(rewards, response_mask, uids).advantages
+    log_probs, _ = make_actor(model, "plain", batch, batch).compute_log_prob(data)
+    noise = 0.05 * torch.randn(log_probs.shape, generator=gen)  # a slightly stale behaviour policy
+    data.batch["rollout_log_probs"] = (log_probs + noise) * response_mask
+    return model, data
+
+
+def make_actor(model: Qwen2ForCausalLM, variant: str, batch: int, micro: int) -> DataParallelPPOActor:
+    vcpo_on = variant != "plain"
+    config = ActorConfig(
+        ppo_mini_batch_size=batch, ppo_micro_batch_size_per_gpu=micro,
+        policy_loss=PolicyLossConfig(mode="bypass", tis_level="sequence"),
+        ess_scaling=ESSScalingConfig(enable=vcpo_on),
+        grad_baselining=GradBaseliningConfig(
+            enable=vcpo_on, grad_norm_method="per_traj" if variant == "vcpo_per_traj" else "batched"),
+        optim=OptimConfig(lr=1e-5),
+    )
+    config.validate("actor")
+    optimizer, scheduler = build_optimizer_and_scheduler(model, config.optim, total_steps=100)
+    return DataParallelPPOActor(config, model, optimizer, scheduler)
+
+
+def assembly_step(model: Qwen2ForCausalLM, data: DataProto, variant: str) -> None:
+    """Norms then the OPOB gradient on one micro-batch (random coefficients), without the optimizer."""
+    b = data.batch
+    mask = b["response_mask"]
+    actor = make_actor(model, "plain", len(data), len(data))
+    coefficients = torch.linspace(-1.0, 1.0, len(data))
+    w_trunc, lengths = torch.ones(len(data)), mask.sum(-1)
+    model.zero_grad(set_to_none=True)
+    micro = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids", "responses")}
+    with PerTrajectoryGradNorms(model) as ghost:
+        with ghost.capture(b["attention_mask"]):
+            log_probs, _ = actor._forward_micro_batch(micro, 1.0, False)
+        if variant == "assembly_deferred":
+            ghost.backward(trajectory_objective(log_probs, mask), keep_factors=True)
+            ghost.accumulate_weighted_grads(opob_loss_coefficients(coefficients, w_trunc, lengths, len(data)))
+        else:
+            ghost.backward(trajectory_objective(log_probs, mask), retain_graph=True)
+            opob_surrogate_loss(log_probs, mask, coefficients, w_trunc, len(data)).backward()
+
+
+def step_fn(model: Qwen2ForCausalLM, data: DataProto, variant: str, micro: int) -> Callable[[], object]:
+    if variant in ASSEMBLY:
+        return lambda: assembly_step(model, data, variant)
+    actor = make_actor(model, variant, len(data), micro)
+    return lambda: actor.update_policy(data)
+
+
+def time_worker(preset: str, batch: int, variants: list[str], micro: int, repeats: int, per_traj_repeats: int,
+                seed: int) -> dict[str, float]:
+    """Fastest update of each variant over interleaved rounds (all share one model and batch)."""
+    torch.set_num_threads(1)
+    model, data = build(preset, batch, seed)
+    steps = {v: step_fn(model, data, v, micro) for v in variants}
+    best = {v: float("inf") for v in variants}
+    for v in variants:
+        steps[v]()  # warm-up
+    for round_index in range(repeats):
+        for v in variants:
+            if v == "vcpo_per_traj" and round_index >= per_traj_repeats:
+                continue
+            start = time.perf_counter()
+            steps[v]()
+            best[v] = min(best[v], time.perf_counter() - start)
+    best["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return best
+
+
+def memory_worker(preset: str, batch: int, variant: str, micro: int, seed: int) -> dict[str, float]:
+    torch.set_num_threads(1)
+    model, data = build(preset, batch, seed)
+    step = step_fn(model, data, variant, micro)
+    before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):
+        step()
+    return {"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib) / 1024}
+
+
+def run_worker(args: argparse.Namespace, *worker_args: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--worker", *worker_args, "--micro", str(args.micro), "--repeats",
+           str(args.repeats), "--per-traj-repeats", str(args.per_traj_repeats), "--seed", str(args.seed)]
+    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "small"))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--response", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--presets", default="tiny,small")
+    parser.add_argument("--batches", default="64,256")
+    parser.add_argument("--micro", type=int, default=128, help="ppo_micro_batch_size_per_gpu (capped at the batch)")
+    parser.add_argument("--repeats", type=int, default=4, help="interleaved timing rounds")
+    parser.add_argument("--per-traj-repeats", type=int, default=1, help="rounds that include vcpo_per_traj")
+    parser.add_argument("--assembly", action="store_true", help="also time second backward vs deferred grads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", nargs=4, metavar=("KIND", "PRESET", "BATCH", "VARIANTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.worker:
+        kind, preset, batch, variants = args.worker[0], args.worker[1], int(args.worker[2]), args.worker[3].split(",")
+        micro = min(args.micro, batch)
+        if kind == "time":
+            result = time_worker(preset, batch, variants, micro, args.repeats, args.per_traj_repeats, args.seed)
+        else:
+            result = memory_worker(preset, batch, variants[0], micro, args.seed)
+        print(json.dumps(result))
+        return
 
-    tokenizer = build_char_tokenizer()
-    vocab = round_up_vocab_size(len(tokenizer))
-    config = tiny_qwen2_config(vocab, args.preset, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(args.seed)
-    model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    gen = torch.Generator().manual_seed(args.seed)
-    batch = args.batch
-    input_ids = torch.randint(1, vocab, (batch, args.prompt + args.response), generator=gen)
-    attention_mask = torch.ones_like(input_ids)
-    position_ids = attention_mask.cumsum(-1) - 1
-    responses = input_ids[:, args.prompt:]
-    response_mask = torch.ones(batch, args.response)
-    coefficients = torch.randn(batch, generator=gen)
-    w_trunc = torch.ones(batch)
-    lengths = response_mask.sum(-1)
-
-    def forward() -> torch.Tensor:
-        return response_log_probs(model, input_ids, attention_mask, position_ids, responses)
-
-    def train_step() -> None:
-        model.zero_grad(set_to_none=True)
-        opob_surrogate_loss(forward(), response_mask, coefficients, w_trunc, batch).backward()
-
-    def norms_only() -> None:
-        per_trajectory_sq_grad_norms(model, input_ids, attention_mask, position_ids, responses, response_mask)
-
-    def second_backward() -> None:
-        model.zero_grad(set_to_none=True)
-        with PerTrajectoryGradNorms(model) as ghost:
-            with ghost.capture(attention_mask):
-                log_probs = forward()
-            ghost.backward(trajectory_objective(log_probs, response_mask), retain_graph=True)
-            opob_surrogate_loss(log_probs, response_mask, coefficients, w_trunc, batch).backward()
-
-    def deferred() -> None:
-        model.zero_grad(set_to_none=True)
-        with PerTrajectoryGradNorms(model) as ghost:
-            with ghost.capture(attention_mask):
-                log_probs = forward()
-            ghost.backward(trajectory_objective(log_probs, response_mask), keep_factors=True)
-            ghost.accumulate_weighted_grads(opob_loss_coefficients(coefficients, w_trunc, lengths, batch))
-
-    def per_traj() -> None:
-        per_trajectory_sq_grad_norms(model, input_ids, attention_mask, position_ids, responses, response_mask,
-                                     method="per_traj")
-        train_step()
-
-    rows = {"plain step (fwd + bwd)": fastest(train_step, args.repeats)}
-    rows["batched norms only"] = fastest(norms_only, args.repeats)
-    rows["norms + second backward"] = fastest(second_backward, args.repeats)
-    rows["norms + deferred grads"] = fastest(deferred, args.repeats)
-    rows["two-pass (norms, then step)"] = rows["batched norms only"] + rows["plain step (fwd + bwd)"]
-    rows["per_traj norms + step"] = fastest(per_traj, max(1, args.repeats // 2))
-    params = sum(p.numel() for p in model.parameters())
-    print(f"preset={args.preset} ({params / 1e6:.2f}M params) B={batch} T={args.prompt + args.response} "
-          f"threads={args.threads}")
-    base = rows["plain step (fwd + bwd)"]
-    for name, seconds in rows.items():
-        print(f"  {name:30s} {seconds:7.3f} s  {seconds / base:5.2f}x")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores); one torch thread per process")
+    print("| preset | B | variant | step s | × plain | peak RSS growth MiB |")
+    print("|---|---|---|---|---|---|")
+    variants = VARIANTS + (ASSEMBLY if args.assembly else ())
+    for preset in args.presets.split(","):
+        for batch in map(int, args.batches.split(",")):
+            times = run_worker(args, "time", preset, str(batch), ",".join(variants))
+            name = f"{preset} ({times['params_m']:.1f}M)"
+            for variant in variants:
+                memory = run_worker(args, "memory", preset, str(batch), variant)["peak_mib"]
+                print(f"| {name} | {batch} | {variant} | {times[variant]:.3f} | "
+                      f"{times[variant] / times['plain']:.2f} | {memory:.0f} |", flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 import transformers
 from torch import nn
 
+from verl.trainer.ppo.core_algos import sequence_log_is_weight
 from verl.workers.actor.traj_grad_norms import (
     PerTrajectoryGradNorms,
     UnsupportedLayerError,
@@ -22,7 +23,6 @@ from verl.workers.utils.vcpo import (
     compute_opob,
     opob_loss_coefficients,
     opob_surrogate_loss,
-    sequence_log_weights,
 )
 
 torch.set_num_threads(1)
@@ -264,7 +264,7 @@ def test_one_forward_gives_norms_and_the_opob_weighted_gradient(tied_model, scop
         sq_norms = ghost.backward(trajectory_objective(log_probs, response_mask), retain_graph=not deferred,
                                   keep_factors=deferred)
         rollout = (log_probs.detach() + 0.3 * torch.randn(log_probs.shape, generator=gen)) * response_mask
-        log_w = sequence_log_weights(log_probs.detach(), rollout, response_mask)
+        log_w = sequence_log_is_weight(log_probs.detach(), rollout, response_mask)
         w_trunc = log_w.exp().clamp(max=TIS_CLIP)
         lengths = response_mask.sum(-1)
         opob = compute_opob(config, values, sq_norms, log_w, w_trunc, lengths,
@@ -290,3 +290,24 @@ def test_one_forward_gives_norms_and_the_opob_weighted_gradient(tied_model, scop
     scores = grads * torch.from_numpy(wt / length)[:, None]  # s_i
     g = (torch.from_numpy(c)[:, None] * scores).sum(0) / 6
     assert ((got + g).norm() / g.norm()).item() < RTOL  # the loss gradient is -g
+
+
+def test_deferred_factors_add_up_across_micro_batches(tied_model):
+    """Two captured micro-batches, one accumulate_weighted_grads with k for all rows == Σ_i k_i ∇f_i."""
+    model, batch, grads = tied_model
+    k = torch.tensor([0.5, -1.0, 2.0, 0.25, -0.75, 1.5])
+    model.zero_grad(set_to_none=True)
+    with PerTrajectoryGradNorms(model) as ghost:
+        for rows in (slice(0, 4), slice(4, 6)):
+            part = [t[rows] for t in batch]
+            with ghost.capture(part[1]):
+                log_probs = response_log_probs(model, *part[:4])
+            ghost.backward(trajectory_objective(log_probs, part[4]), keep_factors=True)
+        with pytest.raises(ValueError, match="6 kept trajectories"):
+            ghost.accumulate_weighted_grads(k[:4])
+        ghost.accumulate_weighted_grads(k)
+        with pytest.raises(RuntimeError, match="no stored factors"):
+            ghost.accumulate_weighted_grads(k)
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+    expected = (k.double()[:, None] * grads).sum(0)
+    assert ((got - expected).norm() / expected.norm()).item() < RTOL

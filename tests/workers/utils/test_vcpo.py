@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from verl.trainer.ppo.core_algos import group_ids_from_uids, sequence_log_is_weight, truncated_log_is_weight
 from verl.utils.config import ConfigError
 from verl.workers.utils.vcpo import (
     ESSScalingConfig,
@@ -18,7 +19,6 @@ from verl.workers.utils.vcpo import (
     compute_opob,
     ess_lr_scale,
     global_ess,
-    group_ids_from_uids,
     lr_scale_from_ess,
     opob_baselines,
     opob_coefficients,
@@ -26,8 +26,6 @@ from verl.workers.utils.vcpo import (
     opob_surrogate_loss,
     scaled_lr_step,
     scope_normalized_weights,
-    sequence_log_weights,
-    truncated_log_weights,
     vcpo_metrics,
     weighted_quantile,
 )
@@ -40,11 +38,11 @@ def naive_ess(log_w: np.ndarray) -> float:
     return float(w.sum() ** 2 / (w ** 2).sum())
 
 
-def test_sequence_log_weights_sums_masked_differences_and_ignores_padding_infinities():
+def test_sequence_log_is_weight_sums_masked_differences_and_ignores_padding_infinities():
     log_prob = torch.tensor([[-1.0, -2.0, -float("inf")], [-0.5, -0.25, -3.0]])
     rollout = torch.tensor([[-1.5, -1.0, 0.0], [-0.5, -1.25, -1.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    log_w = sequence_log_weights(log_prob, rollout, mask)
+    log_w = sequence_log_is_weight(log_prob, rollout, mask)
     assert log_w.dtype == torch.float32
     torch.testing.assert_close(log_w, torch.tensor([0.5 - 1.0, 0.0 + 1.0 - 2.0]))
 
@@ -81,7 +79,7 @@ def test_log_space_ess_matches_naive_formula_and_survives_huge_log_weights():
 
 def test_clipped_ess_uses_min_w_c():
     log_w = torch.tensor([math.log(20.0), math.log(0.5), 0.0, math.log(3.0)])
-    clipped = global_ess(truncated_log_weights(log_w, 8.0))
+    clipped = global_ess(truncated_log_is_weight(log_w, 8.0))
     w = np.array([8.0, 0.5, 1.0, 3.0])
     assert clipped.ess == pytest.approx(w.sum() ** 2 / (w ** 2).sum(), rel=1e-6)
 
@@ -292,29 +290,44 @@ def test_vcpo_metrics_match_hand_computation():
     log_prob = torch.tensor([[-1.0, -2.0], [-0.5, -3.0], [-1.0, -1.0]])
     rollout = torch.tensor([[-1.0, -1.0], [-0.5, -1.0], [-4.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    log_w = sequence_log_weights(log_prob, rollout, mask)  # [-1, 0, 3]
+    log_w = sequence_log_is_weight(log_prob, rollout, mask)  # [-1, 0, 3]
     ess = global_ess(log_w)
-    clipped = global_ess(truncated_log_weights(log_w, 8.0))
+    clipped = global_ess(truncated_log_is_weight(log_w, 8.0))
     sq = torch.tensor([10 ** -3.5, 10 ** 0.5, 10 ** 2.5])  # log10 norms -1.75, 0.25, 1.25: mid-bin
     m = vcpo_metrics(log_prob, rollout, mask, 8.0, ess, clipped, 0.7, sq_grad_norms=sq,
                      baselines=torch.tensor([0.1, 0.1, 0.4]), log_weights=torch.tensor([0.0, float("nan"), 1.0]))
     w = np.exp([-1.0, 0.0, 3.0])
-    assert m["vcpo/ess"] == pytest.approx(w.sum() ** 2 / (w ** 2).sum(), rel=1e-6)
-    assert m["vcpo/ess_ratio_clipped"] == pytest.approx(naive_ess(np.log(np.minimum(w, 8.0))) / 3, rel=1e-6)
-    assert m["vcpo/is_weight/mean"] == pytest.approx(w.mean(), rel=1e-6)
-    assert m["vcpo/is_weight/max"] == pytest.approx(w.max(), rel=1e-6)
-    assert m["vcpo/is_weight/frac_truncated"] == pytest.approx(1.0 / 3)
+    assert m["ess"] == pytest.approx(w.sum() ** 2 / (w ** 2).sum(), rel=1e-6)
+    assert m["ess_ratio_clipped"] == pytest.approx(naive_ess(np.log(np.minimum(w, 8.0))) / 3, rel=1e-6)
+    assert m["is_weight_mean"] == pytest.approx(np.minimum(w, 8.0).mean(), rel=1e-6)
+    assert m["is_weight_max"] == pytest.approx(w.max(), rel=1e-6)
+    assert m["log_is_weight_max"] == pytest.approx(3.0)
+    assert m["is_weight_truncated_frac"] == pytest.approx(1.0 / 3)
     ratios = np.array([0.0, -1.0, 0.0, 3.0])  # masked tokens' log(pi/mu)
     k3 = np.expm1(ratios) - ratios
-    assert m["vcpo/kl_rollout_policy_k3"] == pytest.approx(k3.mean(), rel=1e-6)
-    assert m["vcpo/lr_scale"] == 0.7 and m["vcpo/ess_nonfinite"] == 0.0
-    assert m["vcpo/traj_grad_norm/mean"] == pytest.approx((10 ** -1.75 + 10 ** 0.25 + 10 ** 1.25) / 3, rel=1e-6)
-    counts, edges = m["vcpo/traj_grad_norm/log10_hist_counts"], m["vcpo/traj_grad_norm/log10_hist_edges"]
-    assert counts.sum() == 3
-    for value in (-1.75, 0.25, 1.25):
-        assert counts[np.searchsorted(edges, value, side="right") - 1] == 1
-    assert m["vcpo/opob_baseline/max"] == pytest.approx(0.4)
-    assert m["vcpo/opob_weight/num_nonfinite"] == 1.0
+    assert m["rollout_kl_k3"] == pytest.approx(k3.mean(), rel=1e-6)
+    assert m["lr_scale"] == 0.7 and m["nonfinite_count"] == 0.0
+    assert m["traj_grad_norm_mean"] == pytest.approx((10 ** -1.75 + 10 ** 0.25 + 10 ** 1.25) / 3, rel=1e-6)
+    hist = {k: v for k, v in m.items() if k.startswith("traj_grad_norm_hist/")}
+    assert sum(hist.values()) == 3
+    for exponent in (-2, 0, 1):  # floor(log10) of the three norms
+        assert hist[f"traj_grad_norm_hist/1e{exponent}"] == 1
+    assert m["opob_baseline_max"] == pytest.approx(0.4)
+    assert m["opob_baseline_std"] == pytest.approx(np.std([0.1, 0.1, 0.4]))
+    assert m["opob_weight_nonfinite_count"] == 1.0
+    assert all(isinstance(v, float) for v in m.values())
+
+
+def test_nonfinite_log_weights_are_counted_and_histogram_clips_to_end_bins():
+    log_prob = torch.tensor([[-1.0], [-1.0], [-1.0]])
+    rollout = torch.tensor([[-float("inf")], [float("nan")], [-1.0]])
+    mask = torch.ones(3, 1)
+    log_w = sequence_log_is_weight(log_prob, rollout, mask)
+    m = vcpo_metrics(log_prob, rollout, mask, 8.0, global_ess(log_w), global_ess(log_w), 0.0,
+                     sq_grad_norms=torch.tensor([1e-20, 1e20, 1.0]))
+    assert m["nonfinite_count"] == 2.0 and math.isnan(m["ess_ratio"])
+    assert m["is_weight_mean"] == pytest.approx(1.0) and m["is_weight_truncated_frac"] == 0.0
+    assert m["traj_grad_norm_hist/1e-4"] == 1 and m["traj_grad_norm_hist/1e3"] == 1 and m["traj_grad_norm_hist/1e0"] == 1
 
 
 def test_shard_combination_in_one_process_is_sharded_plus_replicated():

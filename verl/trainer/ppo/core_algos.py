@@ -11,6 +11,8 @@ reach a sum, even as NaN.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
@@ -38,12 +40,15 @@ __all__ = [
     "entropy_from_logits",
     "get_adv_estimator_fn",
     "group_ids_from_index",
+    "group_ids_from_uids",
     "logprobs_from_logits",
     "loss_normalizer_counts",
     "rollout_kl_k3",
+    "rollout_kl_k3_per_token",
     "sequence_log_is_weight",
     "token_log_is_ratio",
     "truncated_is_weight",
+    "truncated_log_is_weight",
 ]
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -74,8 +79,22 @@ class OutcomeAdvantage:
     group_ids: torch.Tensor
 
 
+def group_ids_from_uids(uids: Sequence[Any] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """int64 group ids from each trajectory's ``uid``, equal on every rank and in every batch.
+
+    id = BLAKE2b-64(str(uid)) >> 1: a digest, not an enumeration of this batch, so the ids of one
+    group agree across data-parallel ranks and mini-batches (the OPOB whole-group checks compare them).
+    """
+    if isinstance(uids, torch.Tensor):
+        uids = uids.cpu().numpy()
+    ids = [int.from_bytes(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), "little") >> 1
+           for u in np.asarray(uids, dtype=object).reshape(-1)]
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def group_ids_from_index(index: Sequence[Any] | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Map prompt-group ids (uids) to contiguous integers 0..G-1 (first-seen order not kept)."""
+    """Contiguous ids 0..G-1 of the uid groups of ONE batch, in sorted-uid order (for bincount-style
+    group statistics); ids that must agree across ranks come from ``group_ids_from_uids``."""
     if isinstance(index, torch.Tensor):
         index = index.cpu().numpy()
     _, inverse = np.unique(np.asarray(index), return_inverse=True)
@@ -284,39 +303,55 @@ def _at_least_one(count: float | torch.Tensor) -> float | torch.Tensor:
 def token_log_is_ratio(
     log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor
 ) -> torch.Tensor:
-    """log r_it = log pi(y_it) - log mu(y_it) on response tokens, 0 elsewhere; float32 [B, R]."""
-    diff = log_prob.float() - rollout_log_prob.float()
+    """log r_it = log pi(y_it) - log mu(y_it) on response tokens, 0 elsewhere; [B, R], float32 or wider."""
+    dtype = torch.promote_types(torch.promote_types(log_prob.dtype, rollout_log_prob.dtype), torch.float32)
+    diff = log_prob.to(dtype) - rollout_log_prob.to(dtype)
     return torch.where(response_mask > 0, diff, torch.zeros_like(diff))
 
 
 def sequence_log_is_weight(
     log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor
 ) -> torch.Tensor:
-    """log w_i = sum_t m_it (log pi(y_it) - log mu(y_it)); float32 [B]. Never exponentiated here."""
+    """log w_i = sum_t m_it (log pi(y_it) - log mu(y_it)); [B], float32 (float64 for float64 inputs).
+
+    The one sequence log IS weight of the code base (TIS here, ESS and OPOB in ``vcpo``). Masked
+    positions are dropped with ``where``, so a -inf log-prob on padding cannot turn into NaN.
+    Never exponentiated here."""
     return token_log_is_ratio(log_prob, rollout_log_prob, response_mask).sum(dim=-1)
 
 
+def truncated_log_is_weight(log_weight: torch.Tensor, cap: float) -> torch.Tensor:
+    """log w~ = log min(w, C) = min(log w, log C), any shape; NaN stays NaN, -inf stays -inf."""
+    return torch.clamp(log_weight, max=math.log(cap))
+
+
 def truncated_is_weight(log_weight: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated IS weight min(w, C) = exp(min(log w, log C)), detached, any shape.
+    """Truncated IS weight min(w, C) = exp(min(log w, log C)), detached float32, any shape.
 
     Clamping in log space first means log w = 1e4 gives C, not exp(1e4) = inf; log w = -inf
     gives 0. A NaN log-weight stays NaN so the non-finite-gradient rule skips the step.
     """
-    log_weight = log_weight.detach().float()
-    return torch.exp(torch.clamp(log_weight, max=float(np.log(cap))))
+    return torch.exp(truncated_log_is_weight(log_weight.detach().float(), cap))
+
+
+def rollout_kl_k3_per_token(
+    log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """k3_t = r_t - 1 - d_t with d_t = log pi(y_t) - log mu(y_t), r_t = exp(d_t); 0 off the mask.
+
+    Tokens are sampled from mu, so E_mu[r] = 1 and KL(mu || pi) = E_mu[-d] = E_mu[r - 1 - d], with
+    r - 1 - d >= 0 token by token (lower variance than -d). d is clamped at 20 so exp(d) stays
+    finite; expm1 keeps small d exact. Computed in the inputs' dtype (at least float32), detached.
+    """
+    d = token_log_is_ratio(log_prob.detach(), rollout_log_prob.detach(), response_mask).clamp(max=_MAX_LOG_RATIO)
+    return torch.where(response_mask > 0, torch.expm1(d) - d, torch.zeros_like(d))
 
 
 def rollout_kl_k3(
     log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor
 ) -> torch.Tensor:
-    """k3 estimate of KL(mu || pi) per token, averaged over response tokens.
-
-    Tokens are sampled from mu; with d = log pi - log mu and r = exp(d) (so E_mu[r] = 1),
-    KL(mu || pi) = E_mu[-d] = E_mu[r - 1 - d], and r - 1 - d >= 0 token by token (lower
-    variance than -d). d is clamped at 20 so exp(d) stays finite.
-    """
-    d = token_log_is_ratio(log_prob.detach(), rollout_log_prob, response_mask).clamp(max=_MAX_LOG_RATIO)
-    return masked_mean(torch.exp(d) - 1.0 - d, response_mask)
+    """KL(mu || pi) per token by the k3 estimator (``rollout_kl_k3_per_token``), averaged over response tokens."""
+    return masked_mean(rollout_kl_k3_per_token(log_prob, rollout_log_prob, response_mask), response_mask)
 
 
 # --------------------------------------------------------------------------- policy loss

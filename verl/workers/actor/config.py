@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from verl.trainer.ppo.core_algos import LOSS_AGG_MODES, POLICY_LOSS_MODES, TIS_LEVELS
 from verl.utils.config import ConfigError, check_choice, check_positive, check_range
+from verl.workers.utils.vcpo import ESSScalingConfig, GradBaseliningConfig
 
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 ACTOR_STRATEGIES = ("torch", "megatron")
@@ -94,6 +95,9 @@ class ActorConfig:
     recompute_old_log_prob: bool = False
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # VCPO (SPEC.md): (i) ESS-scaled lr per optimizer step, (ii) the off-policy optimal baseline.
+    ess_scaling: ESSScalingConfig = field(default_factory=ESSScalingConfig)
+    grad_baselining: GradBaseliningConfig = field(default_factory=GradBaseliningConfig)
 
     def validate(self, prefix: str) -> None:
         check_choice(f"{prefix}.strategy", self.strategy, ACTOR_STRATEGIES)
@@ -105,3 +109,23 @@ class ActorConfig:
         check_positive(f"{prefix}.entropy_coeff", self.entropy_coeff, allow_zero=True)
         self.policy_loss.validate(f"{prefix}.policy_loss")
         self.optim.validate(f"{prefix}.optim")
+        self.ess_scaling.validate(f"{prefix}.ess_scaling")
+        self.grad_baselining.validate(f"{prefix}.grad_baselining")
+        if self.grad_baselining.enable:
+            self._validate_grad_baselining(prefix)
+
+    def _validate_grad_baselining(self, prefix: str) -> None:
+        """OPOB replaces each trajectory's advantage by its coefficient c_i in the VCPO loss
+        l_i = -(w~_i / L_i) sum_t c_i log pi(y_t): that is only the trained gradient when the loss is
+        that one, linear in the advantage, with nothing added."""
+        key = f"{prefix}.grad_baselining.enable"
+        needs = {
+            f"{prefix}.policy_loss.mode": (self.policy_loss.mode, "bypass"),
+            f"{prefix}.policy_loss.tis_level": (self.policy_loss.tis_level, "sequence"),
+            f"{prefix}.loss_agg_mode": (self.loss_agg_mode, "seq-mean-token-mean"),
+            f"{prefix}.entropy_coeff": (self.entropy_coeff, 0.0),
+        }
+        for other, (value, required) in needs.items():
+            if value != required:
+                raise ConfigError(key, True, f"needs {other}={required!r} (got {value!r}): OPOB assumes the "
+                                  "bypass-mode loss with sequence TIS, linear in the advantage")

@@ -2,23 +2,39 @@
 
 Wraps a Hugging Face causal LM. Each data-parallel rank receives its own shard of the batch;
 losses are normalised by GLOBAL token/sequence counts and gradients are summed with one
-all-reduce per optimizer step, so DP = N computes the single-process gradient.
+all-reduce per optimizer step, so DP = N computes the single-process gradient. VCPO
+(``actor.ess_scaling``, ``actor.grad_baselining``) is orchestrated here per mini-batch; its
+math lives in ``verl.workers.utils.vcpo`` and ``verl.workers.actor.traj_grad_norms``.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss, loss_normalizer_counts
+from verl.trainer.ppo.core_algos import (
+    agg_loss,
+    compute_policy_loss,
+    group_ids_from_uids,
+    loss_normalizer_counts,
+    sequence_log_is_weight,
+    truncated_is_weight,
+    truncated_log_is_weight,
+)
 from verl.utils.config import ConfigError
-from verl.utils.distributed import all_reduce_gradients_, all_reduce_sum_, get_world_size
+from verl.utils.distributed import all_reduce_gradients_, all_reduce_sum_, get_rank, get_world_size
 from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
 from verl.workers.actor.config import ActorConfig, OptimConfig
+from verl.workers.actor.traj_grad_norms import (
+    PerTrajectoryGradNorms,
+    per_trajectory_sq_grad_norms,
+    trajectory_objective,
+)
+from verl.workers.utils import vcpo
 
 if TYPE_CHECKING:
     from verl.protocol import DataProto
@@ -99,6 +115,7 @@ class DataParallelPPOActor:
         self.process_group = process_group
         # Derived from the run's one seed, separate from the sampling stream.
         self._shuffle_generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
+        self._ghost_norms: PerTrajectoryGradNorms | None = None
 
     @property
     def device(self) -> torch.device:
@@ -149,21 +166,25 @@ class DataParallelPPOActor:
     # ------------------------------------------------------------------ update
     def update_policy(self, data: "DataProto") -> dict[str, float]:
         """One trainer step on this rank's shard: ``ppo_epochs`` passes, one optimizer step per
-        mini-batch. Returns metrics (mean over steps; ``*_max`` are maxima, ``skipped_steps`` a count).
+        mini-batch. Returns metrics (see ``_reduce_history`` for how steps combine).
 
         Needs ``advantages``, ``response_mask``, the forward inputs, ``rollout_log_probs`` (for
-        TIS, for ppo_clip without recompute, and for the rollout KL/IS metrics when present)
-        and ``old_log_probs`` when ``recompute_old_log_prob`` is set with ppo_clip.
+        TIS, for ppo_clip without recompute, for VCPO, and for the ESS/KL/IS metrics when present),
+        ``old_log_probs`` when ``recompute_old_log_prob`` is set with ppo_clip, and for group-scope
+        OPOB ``token_level_rewards`` and ``non_tensor_batch["uid"]``.
         """
         if self.optimizer is None:
             raise RuntimeError("update_policy needs an optimizer; this actor was built for log-probs only")
         temperature = _temperature(data)
         tensors = self._to_device(data, self._update_keys(data))
+        tensors.update(self._opob_tensors(data))
         local_mini = self._local_mini_batch_size(len(data))
         history: dict[str, list[float]] = defaultdict(list)
         self.module.zero_grad(set_to_none=True)
         for _ in range(self.config.ppo_epochs):
             order = self._epoch_order(len(data))
+            if "group_ids" in tensors:
+                self._check_whole_groups(tensors["group_ids"][order], local_mini)
             for start in range(0, len(data), local_mini):
                 rows = order[start : start + local_mini]
                 mini = {k: v[rows] for k, v in tensors.items()}
@@ -173,22 +194,42 @@ class DataParallelPPOActor:
             self.lr_scheduler.step()
         return _reduce_history(history)
 
-    def _update_mini_batch(
-        self, mini: dict[str, torch.Tensor], temperature: float, lr_scale: float = 1.0
-    ) -> dict[str, float]:
-        """Forward/backward every micro-batch of one mini-batch, all-reduce, clip, step.
-
-        The hook point for per-mini-batch statistics (computed before the backward passes) and
-        for an lr scaled for this one step (``lr_scale``).
-        """
+    def _update_mini_batch(self, mini: dict[str, torch.Tensor], temperature: float) -> dict[str, float]:
+        """One optimizer step on one mini-batch: backward passes, all-reduce, VCPO lr scale, clip, step."""
         cfg = self.config
         num_tokens, num_seqs = self._global_counts(mini["response_mask"])
+        opob = None
+        if cfg.grad_baselining.enable:
+            log_prob, totals, opob = self._opob_backward(mini, temperature, num_tokens, num_seqs)
+        else:
+            log_prob, totals = self._loss_backward(mini, temperature, num_tokens, num_seqs)
+        all_reduce_gradients_(self.module.parameters(), self.process_group)
+        all_reduce_sum_(totals, self.process_group)
+        lr_scale, vcpo_metrics = self._vcpo_statistics(mini, log_prob, opob)
+        grad_norm, lr = self.step_optimizer(lr_scale)
+        # Diagnostics over this rank's whole mini-batch (a mean of micro-batch means would weight
+        # a short last micro-batch like a full one): one elementwise pass, no forward.
+        with torch.no_grad():
+            _, metrics = self._policy_loss(mini, log_prob, num_tokens, num_seqs)
+        out = {f"actor/{k}": v.item() for k, v in metrics.items() if k != "pg_loss"}
+        out.update({"actor/loss": totals[0].item(), "actor/pg_loss": totals[1].item(), "actor/lr": lr})
+        if cfg.entropy_coeff != 0.0:
+            out["actor/entropy"] = totals[2].item()
+        out["actor/skipped_steps"] = float(not math.isfinite(grad_norm) or lr_scale <= 0.0)
+        if math.isfinite(grad_norm):
+            out["actor/grad_norm"] = grad_norm
+        out.update(vcpo_metrics)  # global over the data-parallel group: replaces the per-rank IS stats
+        return out
+
+    def _loss_backward(
+        self, mini: dict[str, torch.Tensor], temperature: float, num_tokens: torch.Tensor, num_seqs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward of the configured loss per micro-batch; (log-probs [b, R], [loss, pg_loss, entropy])."""
+        cfg = self.config
         calculate_entropy = cfg.entropy_coeff != 0.0
-        totals = torch.zeros(3, dtype=torch.float32, device=self.device)  # loss, pg_loss, entropy
+        totals = torch.zeros(3, dtype=torch.float32, device=self.device)
         log_probs = []
-        size = cfg.ppo_micro_batch_size_per_gpu
-        for start in range(0, len(mini["response_mask"]), size):
-            micro = {k: v[start : start + size] for k, v in mini.items()}
+        for micro in self._micro_batches(mini):
             log_prob, entropy = self._forward_micro_batch(micro, temperature, calculate_entropy)
             pg_loss, _ = self._policy_loss(micro, log_prob, num_tokens, num_seqs)
             loss = pg_loss
@@ -201,21 +242,137 @@ class DataParallelPPOActor:
             totals[0] += loss.detach()
             totals[1] += pg_loss.detach()
             log_probs.append(log_prob.detach())
-        all_reduce_gradients_(self.module.parameters(), self.process_group)
-        all_reduce_sum_(totals, self.process_group)
-        grad_norm, lr = self.step_optimizer(lr_scale)
-        # Diagnostics over this rank's whole mini-batch (a mean of micro-batch means would weight
-        # a short last micro-batch like a full one): one elementwise pass, no forward.
+        return torch.cat(log_probs), totals
+
+    # ------------------------------------------------------------------ VCPO
+    def _vcpo_statistics(
+        self, mini: dict[str, torch.Tensor], log_prob: torch.Tensor, opob: "_OPOBPass | None"
+    ) -> tuple[float, dict[str, float]]:
+        """(lr scale of this step, ``actor/``-prefixed VCPO metrics) from the global ESS.
+
+        The ESS and diagnostics are logged whenever behaviour log-probs are present, also with
+        ``ess_scaling.enable=false`` (the scale is then 1). Non-finite ESS: see ``vcpo.ess_lr_scale``
+        (``skip`` gives scale 0, and ``step_optimizer`` takes no step).
+        """
+        if "rollout_log_probs" not in mini:
+            return 1.0, {}
+        cfg = self.config
+        rollout, mask, cap = mini["rollout_log_probs"], mini["response_mask"], cfg.policy_loss.tis_cap
+        log_w = sequence_log_is_weight(log_prob, rollout, mask)
+        ess = vcpo.global_ess(log_w, self.process_group)
+        ess_clipped = vcpo.global_ess(truncated_log_is_weight(log_w, cap), self.process_group)
+        lr_scale, _ = vcpo.lr_scale_from_ess(ess_clipped if cfg.ess_scaling.use_clipped else ess, cfg.ess_scaling)
+        metrics = vcpo.vcpo_metrics(
+            log_prob, rollout, mask, cap, ess, ess_clipped, lr_scale,
+            sq_grad_norms=None if opob is None else opob.sq_grad_norms,
+            baselines=None if opob is None else opob.baselines,
+            log_weights=None if opob is None else opob.log_weights,
+            group=self.process_group,
+        )
+        return lr_scale, {f"actor/{k}": v for k, v in metrics.items()}
+
+    def _opob_backward(
+        self, mini: dict[str, torch.Tensor], temperature: float, num_tokens: torch.Tensor, num_seqs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, "_OPOBPass"]:
+        """Leave this rank's share of g = (1/B) sum_i c_i s_i in ``.grad`` (the negative gradient of
+        ``vcpo.opob_surrogate_loss``), B the global number of trajectories with response tokens.
+
+        ``batched``: per micro-batch one forward and a backward to the embedding outputs that yields
+        the per-trajectory squared norms and keeps each layer's inputs and output gradients; once
+        every coefficient of the scope is known, the weighted weight gradients are formed from those
+        factors (no second backward). ``per_traj``: one forward/backward per trajectory for the
+        norms, then a log-prob pass and a backward of the weighted objective per micro-batch.
+        Returns (log-probs, [surrogate loss, VCPO loss with the advantages, 0], the OPOB pass).
+        """
+        method = self.config.grad_baselining.grad_norm_method
+        if method == "batched":
+            if self._ghost_norms is None:
+                self._ghost_norms = PerTrajectoryGradNorms(self.module)
+            with self._ghost_norms as ghost:
+                log_probs, sq_norms = [], []
+                for micro in self._micro_batches(mini):
+                    with ghost.capture(micro["attention_mask"]):
+                        log_prob, _ = self._forward_micro_batch(micro, temperature, False)
+                    objective = trajectory_objective(log_prob, micro["response_mask"])
+                    sq_norms.append(ghost.backward(objective, keep_factors=True))
+                    log_probs.append(log_prob.detach())
+                log_prob = torch.cat(log_probs)
+                opob = self._opob_coefficients(mini, log_prob, torch.cat(sq_norms), num_seqs)
+                ghost.accumulate_weighted_grads(opob.loss_coefficients)
+        else:
+            sq_norm = per_trajectory_sq_grad_norms(
+                self.module, *(mini[k] for k in _FORWARD_KEYS), mini["response_mask"],
+                temperature=temperature, method="per_traj",
+            )
+            with torch.no_grad():
+                log_prob = torch.cat([self._forward_micro_batch(m, temperature, False)[0]
+                                      for m in self._micro_batches(mini)])
+            opob = self._opob_coefficients(mini, log_prob, sq_norm, num_seqs)
+            size = self.config.ppo_micro_batch_size_per_gpu
+            for start, micro in zip(range(0, len(log_prob), size), self._micro_batches(mini)):
+                micro_log_prob, _ = self._forward_micro_batch(micro, temperature, False)
+                k = opob.loss_coefficients[start : start + size]
+                (k * trajectory_objective(micro_log_prob, micro["response_mask"])).sum().backward()
         with torch.no_grad():
-            _, metrics = self._policy_loss(mini, torch.cat(log_probs), num_tokens, num_seqs)
-        out = {f"actor/{k}": v.item() for k, v in metrics.items() if k != "pg_loss"}
-        out.update({"actor/loss": totals[0].item(), "actor/pg_loss": totals[1].item(), "actor/lr": lr})
-        if calculate_entropy:
-            out["actor/entropy"] = totals[2].item()
-        out["actor/skipped_steps"] = float(not math.isfinite(grad_norm))
-        if math.isfinite(grad_norm):
-            out["actor/grad_norm"] = grad_norm
-        return out
+            surrogate = (opob.loss_coefficients * trajectory_objective(log_prob, mini["response_mask"])).sum()
+            pg_loss, _ = self._policy_loss(mini, log_prob, num_tokens, num_seqs)
+        return log_prob, torch.stack([surrogate, pg_loss, torch.zeros_like(pg_loss)]), opob
+
+    def _opob_coefficients(
+        self, mini: dict[str, torch.Tensor], log_prob: torch.Tensor, sq_grad_norms: torch.Tensor, num_seqs: torch.Tensor
+    ) -> "_OPOBPass":
+        """Baselines and loss coefficients k_i = -c_i w~_i / (L_i B) of one mini-batch (``vcpo.compute_opob``).
+
+        Group scope: values R_i (``scores``), one baseline per uid group on this rank. Minibatch
+        scope: values A_i, the estimator's advantage on the first response token (outcome
+        estimators broadcast one scalar per trajectory), one baseline over every rank.
+        """
+        cfg = self.config
+        mask = mini["response_mask"]
+        log_w = sequence_log_is_weight(log_prob, mini["rollout_log_probs"], mask)
+        w_trunc = truncated_is_weight(log_w, cfg.policy_loss.tis_cap)
+        lengths = mask.float().sum(-1)
+        if cfg.grad_baselining.scope == "group":
+            values, group_ids = mini["scores"], mini["group_ids"]
+        else:
+            values, group_ids = mini["advantages"][:, 0].float(), None
+        result = vcpo.compute_opob(cfg.grad_baselining, values, sq_grad_norms, log_w, w_trunc, lengths,
+                                   group_ids, self.process_group)
+        k = vcpo.opob_loss_coefficients(result.coefficients, w_trunc, lengths, max(float(num_seqs), 1.0))
+        return _OPOBPass(sq_grad_norms, result.baselines, result.log_weights, k)
+
+    def _opob_tensors(self, data: "DataProto") -> dict[str, torch.Tensor]:
+        """Group-scope OPOB inputs: R_i = sum_t token_level_rewards and int64 uid-group ids."""
+        gb = self.config.grad_baselining
+        if not (gb.enable and gb.scope == "group"):
+            return {}
+        if "uid" not in data.non_tensor_batch:
+            raise KeyError("actor: grad_baselining.scope='group' needs non_tensor_batch['uid'] (the prompt groups)")
+        return {
+            "scores": data.batch["token_level_rewards"].float().sum(-1).to(self.device),
+            "group_ids": group_ids_from_uids(data.non_tensor_batch["uid"]).to(self.device),
+        }
+
+    def _check_whole_groups(self, group_ids: torch.Tensor, local_mini: int) -> None:
+        """Group scope: every uid group must sit whole in one mini-batch of one data-parallel rank.
+
+        One all-gather of (group id, place) with place = rank * minis + mini-batch index, so every
+        rank reaches the same verdict and raises together.
+        """
+        minis = -(-len(group_ids) // local_mini)
+        place = get_rank(self.process_group) * minis + torch.arange(len(group_ids), device=group_ids.device) // local_mini
+        every = vcpo.all_gather_rows(torch.stack([group_ids, place], 1), self.process_group)
+        places = [every[every[:, 1] == p, 0] for p in range(int(every[:, 1].max()) + 1)]
+        try:
+            vcpo.check_whole_groups(places)
+        except ValueError as err:
+            raise ConfigError(
+                "actor.grad_baselining.scope", "group",
+                f"needs each uid group whole in one mini-batch on one data-parallel rank, but {err} "
+                f"(place = rank * {minis} + mini-batch index): split the batch by uid across ranks "
+                "(DataProto.chunk_by_group), keep actor.ppo_mini_batch_size a multiple of rollout.n with "
+                "actor.shuffle=false, or use actor.grad_baselining.scope=minibatch",
+            ) from err
 
     def _policy_loss(
         self,
@@ -246,29 +403,28 @@ class DataParallelPPOActor:
         )
 
     def step_optimizer(self, lr_scale: float = 1.0) -> tuple[float, float]:
-        """Clip the (already all-reduced) gradients and take one optimizer step at lr * lr_scale,
-        restoring the scheduler's lr afterwards; returns (grad norm before clipping, lr used).
+        """Clip the (already all-reduced) gradients and take one optimizer step at lr * lr_scale
+        (``vcpo.scaled_lr_step``: the scheduler's lr is restored afterwards); returns (grad norm
+        before clipping, lr used, 0.0 when no step was taken).
 
-        The grad norm is the float32 2-norm over all parameters. Non-finite norm rule: the step
-        is skipped, gradients are zeroed, and the returned norm is inf/nan (counted by the caller
-        as ``actor/skipped_steps``); every rank sees the same summed gradients, so all skip together.
+        The grad norm is the float32 2-norm over all parameters. No step is taken (gradients are
+        zeroed, optimizer state untouched) when the norm is inf/nan, or when ``lr_scale`` is 0 (the
+        VCPO non-finite-ESS ``skip`` rule); the caller counts both as ``actor/skipped_steps``. Every
+        rank sees the same summed gradients and ESS, so all skip together.
         """
         params = [p for p in self.module.parameters() if p.grad is not None]
-        base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        lr_used = base_lrs[0] * lr_scale
         if not params:
-            return 0.0, lr_used
+            return 0.0, 0.0
         norms = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])
         grad_norm = torch.linalg.vector_norm(norms)
-        if torch.isfinite(grad_norm):
+        lr_used = 0.0
+        if torch.isfinite(grad_norm) and lr_scale > 0.0:
             clip_coef = torch.clamp(self.config.grad_clip / (grad_norm + 1e-6), max=1.0)
             for p in params:
                 p.grad.mul_(clip_coef.to(p.grad.dtype))
-            for group, base in zip(self.optimizer.param_groups, base_lrs):
-                group["lr"] = base * lr_scale
-            self.optimizer.step()
-            for group, base in zip(self.optimizer.param_groups, base_lrs):
-                group["lr"] = base
+            with vcpo.scaled_lr_step(self.optimizer, lr_scale):
+                lr_used = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm.item(), lr_used
 
@@ -280,9 +436,16 @@ class DataParallelPPOActor:
             keys.append("rollout_log_probs")
         if cfg.policy_loss.mode == "ppo_clip":
             keys.append("old_log_probs" if cfg.recompute_old_log_prob else "rollout_log_probs")
-        if cfg.policy_loss.tis_level != "none":
+        if cfg.policy_loss.tis_level != "none" or cfg.ess_scaling.enable or cfg.grad_baselining.enable:
             keys.append("rollout_log_probs")
+        if cfg.grad_baselining.enable and cfg.grad_baselining.scope == "group":
+            keys.append("token_level_rewards")
         return tuple(dict.fromkeys(keys))
+
+    def _micro_batches(self, mini: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        size = self.config.ppo_micro_batch_size_per_gpu
+        return [{k: v[start : start + size] for k, v in mini.items()}
+                for start in range(0, len(mini["response_mask"]), size)]
 
     def _to_device(self, data: "DataProto", keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
         missing = [k for k in keys if k not in data.batch]
@@ -324,6 +487,16 @@ class DataParallelPPOActor:
         return dict(self.module.state_dict())
 
 
+class _OPOBPass(NamedTuple):
+    """One mini-batch's OPOB quantities on this rank ([b] each): ‖∇log π(τ_i)‖², scope baselines,
+    log W_i, and the loss coefficients k_i whose weighted objective sum_i k_i f_i has gradient -g."""
+
+    sq_grad_norms: torch.Tensor
+    baselines: torch.Tensor
+    log_weights: torch.Tensor
+    loss_coefficients: torch.Tensor
+
+
 def _temperature(data: "DataProto") -> float:
     if "temperature" not in data.meta_info:
         raise KeyError(
@@ -333,12 +506,13 @@ def _temperature(data: "DataProto") -> float:
 
 
 def _reduce_history(history: dict[str, list[float]]) -> dict[str, float]:
-    """Mean of each metric, except ``*_max`` (max) and ``skipped_steps`` (sum)."""
+    """Mean of each metric over optimizer steps, except ``*_max`` (max) and counts (sum):
+    ``skipped_steps``, ``*_count`` and histogram bins (``*_hist/*``)."""
     out = {}
     for key, values in history.items():
         if key.endswith("_max"):
             out[key] = max(values)
-        elif key.endswith("skipped_steps"):
+        elif key.endswith(("skipped_steps", "_count")) or "_hist/" in key:
             out[key] = float(sum(values))
         else:
             out[key] = sum(values) / len(values)

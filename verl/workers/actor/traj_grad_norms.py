@@ -25,16 +25,17 @@ The weighted update g = (1/B) Σ_i c_i s_i = −∇ℓ, ℓ = Σ_i k_i f_i with 
 ``verl.workers.utils.vcpo.opob_loss_coefficients``, can then be assembled three ways:
 1. second backward on the same graph: ``backward(..., retain_graph=True)`` then
    ``opob_surrogate_loss(...).backward()`` (the OPOB scope must fit in the micro-batch);
-2. deferred weight gradients: ``backward(..., keep_factors=True)`` then
-   ``accumulate_weighted_grads(k)``, which adds Σ_i k_i ∇θ f_i to ``.grad`` from the stored layer
-   inputs and output gradients (per Linear one matmul (k ⊙ G)ᵀ A): no second backward, but the
-   output gradients of every layer stay alive until then (same scope condition);
+2. deferred weight gradients: ``backward(..., keep_factors=True)`` for each micro-batch, then
+   ``accumulate_weighted_grads(k)`` once with k for every kept row, which adds Σ_i k_i ∇θ f_i to
+   ``.grad`` from the stored layer inputs and output gradients (per Linear one matmul (k ⊙ G)ᵀ A):
+   no second backward, and the scope may span micro-batches, but the layer inputs and output
+   gradients of every kept micro-batch stay alive until then (what the actor uses);
 3. a second forward/backward per micro-batch once every coefficient of the minibatch is known
    (any scope, any micro-batch split; the norm pass then runs without ``retain_graph``).
 
-Padding contributes nothing: output gradients (and, for the norms, inputs) are zeroed where the
-attention mask is 0, and token ids equal to the embedding's ``padding_idx`` get no gradient (as
-in autograd). Model-parallel pieces of one trajectory's norm combine with
+Padding contributes nothing: layer inputs are zeroed where the attention mask is 0 (output
+gradients too where they enter alone: biases), and token ids equal to the embedding's
+``padding_idx`` get no gradient (as in autograd). Model-parallel pieces of one trajectory's norm combine with
 ``verl.workers.utils.vcpo.combine_shard_sq_grad_norms``.
 """
 
@@ -124,7 +125,10 @@ class PerTrajectoryGradNorms:
         self._modules, self._tied, self.covered_parameters = self._plan(model)
         self._handles: list[Any] = []
         self._capturing = False
-        self._factors: list[tuple[str, nn.Parameter, tuple[torch.Tensor, ...]]] = []
+        # (kind, parameter, tensors, first row): factors of every kept micro-batch, rows numbered
+        # across them in the order of the backward calls.
+        self._factors: list[tuple[str, nn.Parameter, tuple[torch.Tensor, ...], int]] = []
+        self._kept_rows = 0
         self._reset()
 
     @staticmethod
@@ -172,8 +176,12 @@ class PerTrajectoryGradNorms:
             handle.remove()
         self._handles.clear()
         self._capturing = False
-        self._factors = []
+        self._discard_factors()
         self._reset()
+
+    def _discard_factors(self) -> None:
+        self._factors = []
+        self._kept_rows = 0
 
     def _reset(self) -> None:
         """Drop everything one forward/backward recorded (the deferred factors live on)."""
@@ -194,7 +202,6 @@ class PerTrajectoryGradNorms:
         if not self._handles:
             raise RuntimeError("enter the PerTrajectoryGradNorms context before capture()")
         self._reset()
-        self._factors = []
         self._mask = attention_mask.bool()
         self._capturing = True
         try:
@@ -232,7 +239,8 @@ class PerTrajectoryGradNorms:
 
         Gradients flow only to the embedding outputs; ``.grad`` of the parameters is untouched.
         ``retain_graph``: the same graph can be backpropagated again (a weighted loss).
-        ``keep_factors``: keep what ``accumulate_weighted_grads`` needs.
+        ``keep_factors``: keep what ``accumulate_weighted_grads`` needs; factors of successive
+        backward calls add up (rows numbered in call order) until it is called.
         """
         if not self._roots:
             raise RuntimeError("no captured forward: run the model inside capture() first")
@@ -247,15 +255,18 @@ class PerTrajectoryGradNorms:
                 self._embedding_contribution(module, ids, torch.zeros_like(out) if grad is None else grad)
             if self._tied_head:
                 raise RuntimeError("tied lm_head gradient arrived without its embedding gradient")
+            if keep_factors:
+                self._kept_rows += self._mask.shape[0]
             return self._sq.clamp(min=0.0).float()
         except BaseException:
-            self._factors = []  # partial factors must never reach accumulate_weighted_grads
+            self._discard_factors()  # partial factors must never reach accumulate_weighted_grads
             raise
         finally:
             self._reset()
 
     def accumulate_weighted_grads(self, traj_coefficients: torch.Tensor) -> None:
-        """``.grad`` += Σ_i k_i ∇θ f_i for the last ``backward(..., keep_factors=True)``.
+        """``.grad`` += Σ_i k_i ∇θ f_i over every row kept by ``backward(..., keep_factors=True)``
+        since the last call (``traj_coefficients`` [rows kept], in backward-call order); then drops them.
 
         Linear: (k ⊙ G)ᵀ A over all (trajectory, position) rows; bias and norm weights:
         Σ_i k_i (per-trajectory gradient); embeddings: rows k_i g_{i,t} added at id_{i,t}. Exactly
@@ -263,8 +274,11 @@ class PerTrajectoryGradNorms:
         """
         if not self._factors:
             raise RuntimeError("no stored factors: call backward(..., keep_factors=True) first")
-        k = traj_coefficients.detach().float()
-        for kind, param, tensors in self._factors:
+        if traj_coefficients.shape != (self._kept_rows,):
+            raise ValueError(f"{tuple(traj_coefficients.shape)} coefficients for {self._kept_rows} kept trajectories")
+        factors, self._factors, self._kept_rows = self._factors, [], 0
+        for kind, param, tensors, first_row in factors:
+            k = traj_coefficients[first_row : first_row + tensors[-1].shape[0]].detach().float()
             if kind == "outer":
                 a, g = tensors
                 update = (g * k[:, None, None]).reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1]).float()
@@ -281,7 +295,7 @@ class PerTrajectoryGradNorms:
 
     def _keep(self, kind: str, param: nn.Parameter, *tensors: torch.Tensor) -> None:
         if self._keep_factors:
-            self._factors.append((kind, param, tensors))
+            self._factors.append((kind, param, tensors, self._kept_rows))
 
     def _positions(self, length: int) -> torch.Tensor:
         # Layers see the last `length` positions (the lm_head only the logits kept).
@@ -294,7 +308,9 @@ class PerTrajectoryGradNorms:
         if not self._active or module not in self._inputs:
             return
         recorded = self._inputs.pop(module)
-        g = self._masked(grad.detach()).float()
+        # Only biases need the output gradient masked: every other use multiplies it by the (masked)
+        # layer input, so padding drops out there and one pass over the largest tensors is saved.
+        g = grad.detach().float()
         bias = getattr(module, "bias", None)
         if isinstance(module, nn.Linear):
             entry = self._shared[id(recorded)]
@@ -317,7 +333,7 @@ class PerTrajectoryGradNorms:
             self._sq += per_traj.pow(2).sum(-1).double()
             self._keep("per_sample", module.weight, per_traj)
         if isinstance(bias, nn.Parameter) and bias.requires_grad:
-            per_traj = g.sum(1)
+            per_traj = self._masked(g).sum(1)
             self._sq += per_traj.pow(2).sum(-1).double()
             self._keep("per_sample", bias, per_traj)
 

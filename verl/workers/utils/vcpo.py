@@ -13,7 +13,6 @@ Units, to keep two different squared norms apart:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from verl.trainer.ppo.core_algos import rollout_kl_k3_per_token, sequence_log_is_weight, truncated_log_is_weight
 from verl.utils.config import ConfigError, check_choice, check_range
 from verl.utils.distributed import get_world_size
 from verl.utils.torch_functional import masked_sum
@@ -170,22 +170,6 @@ def combine_shard_sq_grad_norms(sharded: torch.Tensor, replicated: torch.Tensor,
 # ----------------------------------------------------------------------------------------------
 
 
-def sequence_log_weights(log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
-                         response_mask: torch.Tensor) -> torch.Tensor:
-    """log w_i = Σ_t m_{i,t} (log π_θ(y_{i,t}) − log μ(y_{i,t})), float32 [B].
-
-    The canonical sequence log IS weight (core_algos' TIS should call this one). Masked
-    positions are dropped with ``where``, so a −inf log-prob on padding cannot turn into NaN.
-    """
-    diff = log_prob.float() - rollout_log_prob.float()
-    return masked_sum(diff, response_mask, dim=-1)
-
-
-def truncated_log_weights(log_w: torch.Tensor, clip: float) -> torch.Tensor:
-    """log w̃_i = log min(w_i, C) = min(log w_i, log C); NaN stays NaN."""
-    return torch.clamp(log_w, max=math.log(clip))
-
-
 class GlobalESS(NamedTuple):
     """ESS of the global minibatch and what was non-finite in it."""
 
@@ -301,17 +285,6 @@ def scaled_lr_step(optimizer: torch.optim.Optimizer, scale: float) -> Iterator[N
 # ----------------------------------------------------------------------------------------------
 # OPOB: weights, baselines, coefficients
 # ----------------------------------------------------------------------------------------------
-
-
-def group_ids_from_uids(uids: Sequence[str] | np.ndarray) -> torch.Tensor:
-    """int64 group ids from the string ``uid`` of each trajectory, equal on every rank.
-
-    A 63-bit BLAKE2 digest of the uid, not a per-rank enumeration, so ids of one group agree
-    across ranks and ``check_whole_groups`` can compare them.
-    """
-    ids = [int.from_bytes(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), "little") >> 1
-           for u in uids]
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def check_whole_groups(group_ids_per_rank: Sequence[torch.Tensor]) -> None:
@@ -536,65 +509,72 @@ def opob_surrogate_loss(log_prob: torch.Tensor, response_mask: torch.Tensor, coe
 # Diagnostics
 # ----------------------------------------------------------------------------------------------
 
-# Fixed log10 bin edges for the per-trajectory gradient-norm histogram, so steps compare.
-GRAD_NORM_LOG10_EDGES = np.linspace(-6.0, 6.0, 25)
+# Decades [10^e, 10^(e+1)) of the per-trajectory gradient-norm histogram, fixed so steps compare;
+# norms below the first or above the last decade are counted in the end bins.
+GRAD_NORM_HIST_EXPONENTS = tuple(range(-4, 4))
+
+
+def grad_norm_histogram(norms: np.ndarray) -> dict[str, float]:
+    """Counts of ``norms`` per decade, keyed ``traj_grad_norm_hist/1e<e>`` (the bin's lower edge)."""
+    exponents = np.floor(np.log10(np.maximum(np.asarray(norms, dtype=np.float64), 1e-300)))
+    clipped = np.clip(exponents, GRAD_NORM_HIST_EXPONENTS[0], GRAD_NORM_HIST_EXPONENTS[-1])
+    return {f"traj_grad_norm_hist/1e{e}": float((clipped == e).sum()) for e in GRAD_NORM_HIST_EXPONENTS}
 
 
 def vcpo_metrics(log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor,
                  tis_clip: float, ess: GlobalESS, ess_clipped: GlobalESS, lr_scale: float,
                  sq_grad_norms: torch.Tensor | None = None, baselines: torch.Tensor | None = None,
-                 log_weights: torch.Tensor | None = None, group: dist.ProcessGroup | None = None,
-                 prefix: str = "vcpo") -> dict[str, float | np.ndarray]:
-    """The VCPO diagnostics of one minibatch, reduced over ``group`` (every rank gets the same).
+                 log_weights: torch.Tensor | None = None,
+                 group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """The VCPO diagnostics of one minibatch, flat float metrics reduced over ``group`` (same on every rank).
 
-    - ESS, ESS ratio (raw and from truncated weights), the lr scale, and a flag set when any
-      log w was NaN or +inf (the ESS then came from the non-finite rule);
-    - sequence IS weight w: mean (float64; inf if it overflows), max, mean log w, fraction
-      truncated (w > C), counts of +inf and NaN log w;
-    - KL(rollout‖policy) with the k3 estimator on rollout samples, per token:
-      r = π/μ, k3 = (r − 1) − log r, E_μ[k3] = KL(μ‖π), averaged over response tokens;
-    - per-trajectory gradient norms ‖∇log π(τ_i)‖ (mean, max, histogram of log10 over
-      ``GRAD_NORM_LOG10_EDGES``, values outside clipped into the end bins);
-    - OPOB baselines (mean, min, max) and the count of non-finite log W.
+    - ``ess``, ``ess_ratio`` (from w), ``ess_clipped``, ``ess_ratio_clipped`` (from w̃ = min(w, C)),
+      ``lr_scale``, ``nonfinite_count`` (trajectories whose log w is NaN or +inf: the ESS then
+      came from the non-finite rule);
+    - sequence IS weights over trajectories with a response token and a finite log w:
+      ``is_weight_mean`` (of w̃, as core_algos' TIS metrics), ``is_weight_max`` and
+      ``log_is_weight_max`` (of w), ``is_weight_truncated_frac`` (w > C);
+    - ``rollout_kl_k3``: KL(rollout‖policy) = E_μ[(r − 1) − log r], r = π/μ, averaged over every
+      response token of the global minibatch (``rollout_kl_k3_per_token``);
+    - ``traj_grad_norm_mean|max`` of ‖∇log π(τ_i)‖ and its decade histogram (``grad_norm_histogram``);
+    - ``opob_baseline_mean|std|min|max`` over trajectories (each trajectory's scope baseline) and
+      ``opob_weight_nonfinite_count`` (log W NaN or +inf).
     """
-    log_w = sequence_log_weights(log_prob, rollout_log_prob, response_mask)
-    all_log_w = all_gather_rows(log_w.detach().double(), group)
-    finite = all_log_w[torch.isfinite(all_log_w)]
-    w = torch.exp(all_log_w)
-    log_ratio = (log_prob.detach().double() - rollout_log_prob.detach().double())
-    k3 = torch.expm1(log_ratio) - log_ratio
-    token_stats = torch.stack([masked_sum(k3, response_mask.double()), response_mask.double().sum()])
+    log_w = sequence_log_is_weight(log_prob.double(), rollout_log_prob.double(), response_mask)
+    has_tokens = (response_mask > 0).any(-1)
+    all_log_w = all_gather_rows(torch.stack([log_w, has_tokens.double()], 1), group)
+    valid = all_log_w[:, 1] > 0
+    log_w_ok = all_log_w[valid & torch.isfinite(all_log_w[:, 0]), 0]
+    k3 = rollout_kl_k3_per_token(log_prob.double(), rollout_log_prob.double(), response_mask)
+    token_stats = torch.stack([k3.sum(), (response_mask > 0).double().sum()])
     _all_reduce_sum(token_stats, group)
-    metrics: dict[str, float | np.ndarray] = {
-        f"{prefix}/ess": ess.ess,
-        f"{prefix}/ess_ratio": ess.ess_ratio,
-        f"{prefix}/ess_clipped": ess_clipped.ess,
-        f"{prefix}/ess_ratio_clipped": ess_clipped.ess_ratio,
-        f"{prefix}/ess_nonfinite": float(not ess.is_finite or ess.num_posinf > 0),
-        f"{prefix}/lr_scale": float(lr_scale),
-        f"{prefix}/is_weight/mean": float(w[~torch.isnan(w)].mean()) if (~torch.isnan(w)).any() else float("nan"),
-        f"{prefix}/is_weight/max": float(w[~torch.isnan(w)].max()) if (~torch.isnan(w)).any() else float("nan"),
-        f"{prefix}/is_weight/log_mean": float(finite.mean()) if finite.numel() else float("nan"),
-        f"{prefix}/is_weight/frac_truncated": float((all_log_w > math.log(tis_clip)).double().mean()),
-        f"{prefix}/is_weight/num_posinf": float(torch.isposinf(all_log_w).sum()),
-        f"{prefix}/is_weight/num_nan": float(torch.isnan(all_log_w).sum()),
-        f"{prefix}/kl_rollout_policy_k3": float(token_stats[0] / token_stats[1].clamp(min=1.0)),
+    any_ok = log_w_ok.numel() > 0
+    max_log_w = float(log_w_ok.max()) if any_ok else float("nan")
+    metrics = {
+        "ess": ess.ess,
+        "ess_ratio": ess.ess_ratio,
+        "ess_clipped": ess_clipped.ess,
+        "ess_ratio_clipped": ess_clipped.ess_ratio,
+        "lr_scale": float(lr_scale),
+        "nonfinite_count": float(ess.num_nan + ess.num_posinf),
+        "is_weight_mean": float(torch.exp(truncated_log_is_weight(log_w_ok, tis_clip)).mean()) if any_ok else float("nan"),
+        "is_weight_max": math.exp(max_log_w) if max_log_w < 709.0 else float("inf"),
+        "log_is_weight_max": max_log_w,
+        "is_weight_truncated_frac": float((log_w_ok > math.log(tis_clip)).double().mean()) if any_ok else 0.0,
+        "rollout_kl_k3": float(token_stats[0] / token_stats[1].clamp(min=1.0)),
     }
     if sq_grad_norms is not None:
         norms = all_gather_rows(sq_grad_norms.detach().double(), group).clamp(min=0.0).sqrt()
-        log10 = np.clip(np.log10(np.maximum(norms.cpu().numpy(), 1e-300)),
-                        GRAD_NORM_LOG10_EDGES[0], GRAD_NORM_LOG10_EDGES[-1])
-        counts, _ = np.histogram(log10, bins=GRAD_NORM_LOG10_EDGES)
-        metrics[f"{prefix}/traj_grad_norm/mean"] = float(norms.mean())
-        metrics[f"{prefix}/traj_grad_norm/max"] = float(norms.max())
-        metrics[f"{prefix}/traj_grad_norm/log10_hist_counts"] = counts
-        metrics[f"{prefix}/traj_grad_norm/log10_hist_edges"] = GRAD_NORM_LOG10_EDGES.copy()
+        metrics["traj_grad_norm_mean"] = float(norms.mean())
+        metrics["traj_grad_norm_max"] = float(norms.max())
+        metrics.update(grad_norm_histogram(norms.cpu().numpy()))
     if baselines is not None:
         b = all_gather_rows(baselines.detach().double(), group)
-        metrics[f"{prefix}/opob_baseline/mean"] = float(b.mean())
-        metrics[f"{prefix}/opob_baseline/min"] = float(b.min())
-        metrics[f"{prefix}/opob_baseline/max"] = float(b.max())
+        metrics["opob_baseline_mean"] = float(b.mean())
+        metrics["opob_baseline_std"] = float(b.std(unbiased=False))
+        metrics["opob_baseline_min"] = float(b.min())
+        metrics["opob_baseline_max"] = float(b.max())
     if log_weights is not None:
         lw = all_gather_rows(log_weights.detach().double(), group)
-        metrics[f"{prefix}/opob_weight/num_nonfinite"] = float((~torch.isfinite(lw) & ~torch.isneginf(lw)).sum())
+        metrics["opob_weight_nonfinite_count"] = float((torch.isnan(lw) | torch.isposinf(lw)).sum())
     return metrics
