@@ -33,13 +33,15 @@ demo: setup
 demo-sync: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash recipe/fully_async_policy/shell/vcpo/countdown/synchronous.sh $(ARGS)
 
-# Everything, including the slow end-to-end runs.
+# Everything, including the slow end-to-end runs. One OpenMP thread per process: vLLM's CPU
+# attention checks that the thread count it planned with equals the one it runs with, and a
+# generate called from a helper thread would otherwise see a different default.
 test: setup
-	$(PY) -m pytest -q tests $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests $(ARGS)
 
 # Skip the slow end-to-end runs while iterating.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" tests $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check verl recipe scripts tests
