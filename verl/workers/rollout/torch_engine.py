@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from verl.workers.rollout.base import GenerationRequest, RolloutEngine, Trajectory
+from verl.workers.rollout.run_control import RunControl
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("qwen2", "llama")
 
@@ -250,14 +251,8 @@ class TorchRolloutEngine(RolloutEngine):
         self._generator.manual_seed(seed)
         self._version = 0
         self._generated_tokens = 0
-        self._cond = threading.Condition()
-        self._paused = False
-        self._abort_requested = False
-        self._run_id = 0
-        self._running = False
-        self._aborted_runs: dict[int, list[Trajectory]] = {}
+        self._control = RunControl()
         self._weights_lock = threading.Lock()
-        self._generate_lock = threading.Lock()
 
     # ------------------------------------------------------------------ contract
     @property
@@ -291,13 +286,10 @@ class TorchRolloutEngine(RolloutEngine):
             self._version = int(version)
 
     def pause(self) -> None:
-        with self._cond:
-            self._paused = True
+        self._control.pause()
 
     def resume(self) -> None:
-        with self._cond:
-            self._paused = False
-            self._cond.notify_all()
+        self._control.resume()
 
     def abort_all(self) -> list[Trajectory]:
         """Stop the running ``generate`` at its next decode step and return the requests it left
@@ -305,15 +297,7 @@ class TorchRolloutEngine(RolloutEngine):
         started come back with an empty response). The running ``generate`` returns the same
         objects in their places among its finished results. Returns ``[]`` when nothing runs.
         A paused engine stays paused."""
-        with self._cond:
-            if not self._running:
-                return []
-            run_id = self._run_id
-            self._abort_requested = True
-            self._cond.notify_all()
-            while run_id not in self._aborted_runs:
-                self._cond.wait()
-            return self._aborted_runs.pop(run_id)
+        return self._control.abort_all()
 
     def generate(self, requests: list[GenerationRequest]) -> list[Trajectory]:
         """Sample every request to a stop token, stop string or ``max_new_tokens`` (or until
@@ -321,22 +305,7 @@ class TorchRolloutEngine(RolloutEngine):
         continued: its old tokens, log-probs and versions are kept and new ones appended."""
         for request in requests:
             self._check_request(request)
-        with self._generate_lock:
-            with self._cond:
-                self._run_id += 1
-                run_id = self._run_id
-                self._running = True
-                self._abort_requested = False
-            aborted: list[Trajectory] = []
-            try:
-                results = self._run(requests, aborted)
-            finally:
-                with self._cond:
-                    self._running = False
-                    if self._abort_requested:
-                        self._aborted_runs[run_id] = aborted
-                    self._cond.notify_all()
-            return results
+        return self._control.run(lambda run_id, aborted: self._run(requests, aborted))
 
     # ------------------------------------------------------------------ scheduling
     def _check_request(self, request: GenerationRequest) -> None:
@@ -354,13 +323,6 @@ class TorchRolloutEngine(RolloutEngine):
                              f"max_new_tokens ({params.max_new_tokens}) exceeds max_seq_len={self.max_seq_len}")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError(f"request {request.request_id!r}: stop_strings need a tokenizer")
-
-    def _wait_while_paused(self) -> bool:
-        """Block while paused; True when an abort was requested."""
-        with self._cond:
-            while self._paused and not self._abort_requested:
-                self._cond.wait()
-            return self._abort_requested
 
     def _new_slot(self, index: int, request: GenerationRequest) -> _Slot:
         params = request.sampling
@@ -381,7 +343,7 @@ class TorchRolloutEngine(RolloutEngine):
         active: list[_Slot | None] = []  # active[row] owns KV-cache row ``row``; None = free
         free_rows: list[int] = []
         while True:
-            if self._wait_while_paused():
+            if self._control.wait_while_paused():
                 leftovers = [slot for slot in active if slot is not None]
                 leftovers += [self._new_slot(index, request) for index, request in waiting]
                 for slot in leftovers:

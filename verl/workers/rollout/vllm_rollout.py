@@ -29,6 +29,7 @@ import torch
 from verl.utils.config import ConfigError
 from verl.workers.rollout.base import GenerationRequest, RolloutEngine, Trajectory
 from verl.workers.rollout.config import RolloutConfig, VLLMConfig
+from verl.workers.rollout.run_control import RunControl
 
 # Head sizes vLLM's CPU attention backend accepts (vllm/v1/attention/backends/cpu_attn.py).
 CPU_HEAD_DIMS: tuple[int, ...] = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -250,15 +251,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self._unseeded_serial = 0
         self._version = 0
         self._generated_tokens = 0
-        self._cond = threading.Condition()
-        self._paused = False
-        self._abort_requested = False
-        self._run_id = 0
-        self._running = False
-        self._aborted_runs: dict[int, list[Trajectory]] = {}
+        self._control = RunControl()
         # Held for every engine step and weight load: a step never sees half-loaded weights.
         self._step_lock = threading.Lock()
-        self._generate_lock = threading.Lock()
         self._owned_dir: str | None = None
 
     @classmethod
@@ -308,13 +303,10 @@ class VLLMRolloutEngine(RolloutEngine):
             self._version = int(version)
 
     def pause(self) -> None:
-        with self._cond:
-            self._paused = True
+        self._control.pause()
 
     def resume(self) -> None:
-        with self._cond:
-            self._paused = False
-            self._cond.notify_all()
+        self._control.resume()
 
     def abort_all(self) -> list[Trajectory]:
         """Stop the running ``generate`` before its next engine step and return the requests it
@@ -322,15 +314,7 @@ class VLLMRolloutEngine(RolloutEngine):
         yet started come back with their carried response). The running ``generate`` returns
         the same objects in their places. Returns ``[]`` when nothing runs. A paused engine
         stays paused."""
-        with self._cond:
-            if not self._running:
-                return []
-            run_id = self._run_id
-            self._abort_requested = True
-            self._cond.notify_all()
-            while run_id not in self._aborted_runs:
-                self._cond.wait()
-            return self._aborted_runs.pop(run_id)
+        return self._control.abort_all()
 
     def generate(self, requests: list[GenerationRequest]) -> list[Trajectory]:
         """Sample every request to a stop token, stop string or ``max_new_tokens`` (or until
@@ -339,22 +323,7 @@ class VLLMRolloutEngine(RolloutEngine):
         versions kept and new ones appended."""
         for request in requests:
             self._check_request(request)
-        with self._generate_lock:
-            with self._cond:
-                self._run_id += 1
-                run_id = self._run_id
-                self._running = True
-                self._abort_requested = False
-            aborted: list[Trajectory] = []
-            try:
-                results = self._run(run_id, requests, aborted)
-            finally:
-                with self._cond:
-                    self._running = False
-                    if self._abort_requested:
-                        self._aborted_runs[run_id] = aborted
-                    self._cond.notify_all()
-            return results
+        return self._control.run(lambda run_id, aborted: self._run(run_id, requests, aborted))
 
     def shutdown(self) -> None:
         """Release vLLM's engine (and the temporary model directory of ``from_model``)."""
@@ -398,13 +367,6 @@ class VLLMRolloutEngine(RolloutEngine):
             detokenize=bool(params.stop_strings), skip_special_tokens=False,
             logit_bias=None if self.banned_token_id is None else {self.banned_token_id: _BAN_LOGIT_BIAS})
 
-    def _wait_while_paused(self) -> bool:
-        """Block while paused; True when an abort was requested."""
-        with self._cond:
-            while self._paused and not self._abort_requested:
-                self._cond.wait()
-            return self._abort_requested
-
     def _run(self, run_id: int, requests: list[GenerationRequest], aborted: list[Trajectory]) -> list[Trajectory]:
         """Hand every request to vLLM, then step it until all finish or an abort arrives,
         appending each step's tokens with their log-probs and the version that sampled them."""
@@ -425,7 +387,7 @@ class VLLMRolloutEngine(RolloutEngine):
                     self._engine.add_request(engine_id, prompt, self._sampling_params(request))
                 active[engine_id] = slot
             while active:
-                if self._wait_while_paused():
+                if self._control.wait_while_paused():
                     break
                 with self._step_lock:
                     version = self._version
