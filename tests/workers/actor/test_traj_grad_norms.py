@@ -3,7 +3,6 @@ against brute-force per-sample gradients of a tiny Qwen2, tied and untied, on pa
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

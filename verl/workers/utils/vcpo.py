@@ -22,7 +22,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from verl.trainer.ppo.core_algos import rollout_kl_k3_per_token, sequence_log_is_weight, truncated_log_is_weight
+from verl.trainer.ppo.core_algos import (
+    rollout_kl_k3_per_token,
+    sequence_log_is_weight,
+    truncated_log_is_weight,
+)
 from verl.utils.config import ConfigError, check_choice, check_range
 from verl.utils.distributed import get_world_size
 from verl.utils.torch_functional import masked_sum
