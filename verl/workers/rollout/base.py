@@ -66,6 +66,25 @@ class Trajectory:
         return self.response_versions[-1] if self.response_versions else -1
 
 
+def check_request(request: GenerationRequest, max_seq_len: int, has_tokenizer: bool, max_seq_len_note: str = "") -> None:
+    """Reject a request an engine cannot serve, naming it and the violated bound."""
+    params = request.sampling
+    if not request.prompt_ids:
+        raise ValueError(f"request {request.request_id!r}: empty prompt_ids")
+    if not (len(request.response_ids) == len(request.response_logprobs) == len(request.response_versions)):
+        raise ValueError(f"request {request.request_id!r}: response_ids, response_logprobs and "
+                         "response_versions must have equal lengths")
+    if params.temperature < 0 or not (0 < params.top_p <= 1) or params.max_new_tokens < 1:
+        raise ValueError(f"request {request.request_id!r}: need temperature >= 0, 0 < top_p <= 1, "
+                         f"max_new_tokens >= 1; got {params}")
+    if len(request.prompt_ids) + params.max_new_tokens > max_seq_len:
+        raise ValueError(f"request {request.request_id!r}: prompt ({len(request.prompt_ids)} tokens) + "
+                         f"max_new_tokens ({params.max_new_tokens}) exceeds max_seq_len={max_seq_len}"
+                         f"{max_seq_len_note}")
+    if params.stop_strings and not has_tokenizer:
+        raise ValueError(f"request {request.request_id!r}: stop_strings need a tokenizer")
+
+
 class RolloutEngine(abc.ABC):
     """A generation backend. Implementations: ``TorchRolloutEngine`` (default), vLLM."""
 

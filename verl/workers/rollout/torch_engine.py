@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from verl.workers.rollout.base import GenerationRequest, RolloutEngine, Trajectory
+from verl.workers.rollout.base import GenerationRequest, RolloutEngine, Trajectory, check_request
 from verl.workers.rollout.run_control import RunControl
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("qwen2", "llama")
@@ -304,25 +304,10 @@ class TorchRolloutEngine(RolloutEngine):
         ``abort_all``); results in request order. A request with a partial response is
         continued: its old tokens, log-probs and versions are kept and new ones appended."""
         for request in requests:
-            self._check_request(request)
+            check_request(request, self.max_seq_len, self.tokenizer is not None)
         return self._control.run(lambda run_id, aborted: self._run(requests, aborted))
 
     # ------------------------------------------------------------------ scheduling
-    def _check_request(self, request: GenerationRequest) -> None:
-        params = request.sampling
-        if not request.prompt_ids:
-            raise ValueError(f"request {request.request_id!r}: empty prompt_ids")
-        if not (len(request.response_ids) == len(request.response_logprobs) == len(request.response_versions)):
-            raise ValueError(f"request {request.request_id!r}: response_ids, response_logprobs and "
-                             "response_versions must have equal lengths")
-        if params.temperature < 0 or not (0 < params.top_p <= 1) or params.max_new_tokens < 1:
-            raise ValueError(f"request {request.request_id!r}: need temperature >= 0, 0 < top_p <= 1, "
-                             f"max_new_tokens >= 1; got {params}")
-        if len(request.prompt_ids) + params.max_new_tokens > self.max_seq_len:
-            raise ValueError(f"request {request.request_id!r}: prompt ({len(request.prompt_ids)} tokens) + "
-                             f"max_new_tokens ({params.max_new_tokens}) exceeds max_seq_len={self.max_seq_len}")
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError(f"request {request.request_id!r}: stop_strings need a tokenizer")
 
     def _new_slot(self, index: int, request: GenerationRequest) -> _Slot:
         params = request.sampling

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from verl.utils.config import ConfigError
-from verl.workers.rollout.base import GenerationRequest, RolloutEngine, Trajectory
+from verl.workers.rollout.base import GenerationRequest, RolloutEngine, Trajectory, check_request
 from verl.workers.rollout.config import RolloutConfig, VLLMConfig
 from verl.workers.rollout.run_control import RunControl
 
@@ -322,7 +322,8 @@ class VLLMRolloutEngine(RolloutEngine):
         continued: prompt + partial response are prefilled, old tokens, log-probs and
         versions kept and new ones appended."""
         for request in requests:
-            self._check_request(request)
+            check_request(request, self.max_seq_len, self.tokenizer is not None,
+                          " (rollout.max_seq_len, capped at the model's max_position_embeddings)")
         return self._control.run(lambda run_id, aborted: self._run(run_id, requests, aborted))
 
     def shutdown(self) -> None:
@@ -335,22 +336,6 @@ class VLLMRolloutEngine(RolloutEngine):
             self._owned_dir = None
 
     # ------------------------------------------------------------------ scheduling
-    def _check_request(self, request: GenerationRequest) -> None:
-        params = request.sampling
-        if not request.prompt_ids:
-            raise ValueError(f"request {request.request_id!r}: empty prompt_ids")
-        if not (len(request.response_ids) == len(request.response_logprobs) == len(request.response_versions)):
-            raise ValueError(f"request {request.request_id!r}: response_ids, response_logprobs and "
-                             "response_versions must have equal lengths")
-        if params.temperature < 0 or not (0 < params.top_p <= 1) or params.max_new_tokens < 1:
-            raise ValueError(f"request {request.request_id!r}: need temperature >= 0, 0 < top_p <= 1, "
-                             f"max_new_tokens >= 1; got {params}")
-        if len(request.prompt_ids) + params.max_new_tokens > self.max_seq_len:
-            raise ValueError(f"request {request.request_id!r}: prompt ({len(request.prompt_ids)} tokens) + "
-                             f"max_new_tokens ({params.max_new_tokens}) exceeds max_seq_len={self.max_seq_len} "
-                             "(rollout.max_seq_len, capped at the model's max_position_embeddings)")
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError(f"request {request.request_id!r}: stop_strings need a tokenizer")
 
     def _sampling_params(self, request: GenerationRequest) -> Any:
         params = request.sampling
