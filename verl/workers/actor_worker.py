@@ -53,6 +53,13 @@ class ActorWorker:
             process_group=dist.group.WORLD if world_size > 1 else None,
         )
 
+    def data_parallel_rank(self) -> int:
+        """Every rank of the torch actor is a data-parallel rank (no model parallelism)."""
+        return self.rank
+
+    def data_parallel_size(self) -> int:
+        return self.world_size
+
     def compute_log_prob(self, data: DataProto) -> DataProto:
         log_probs, _ = self.actor.compute_log_prob(data)
         return DataProto.from_dict(tensors={"old_log_probs": log_probs})

@@ -82,7 +82,7 @@ class RayPPOTrainer:
             self.config, self.model_path, self.train_dataset, self.sampler, self.tokenizer.pad_token_id,
             num_threads=n_threads, cpu_share=cpu_share, env=env,
         )
-        actor_cls = ray.remote(num_cpus=cpu_share, runtime_env=env)(ActorWorker)
+        actor_cls = ray.remote(num_cpus=cpu_share, runtime_env=env)(_actor_worker_class(self.config.actor.strategy))
         port = _free_port()
         self.actors = [
             actor_cls.remote(
@@ -92,18 +92,23 @@ class RayPPOTrainer:
             for r in range(tc.actor_world_size)
         ]
         ray.get([a.__ray_ready__.remote() for a in self.actors] + self.pipeline.ready())
+        # Tensor/context/pipeline-parallel ranks of one data-parallel rank share its shard.
+        self.actor_dp_ranks = ray.get([a.data_parallel_rank.remote() for a in self.actors])
+        self.dp_size = max(self.actor_dp_ranks) + 1
         self._delay_rng = random.Random(tc.seed)
 
     # ------------------------------------------------------------------ one step
     def _update_actor(self, batch: DataProto) -> dict[str, float]:
-        shards = batch.chunk_by_group(len(self.actors), key="uid") if len(self.actors) > 1 else [batch]
-        results = ray.get([a.update_policy.remote(s) for a, s in zip(self.actors, shards)])
+        shards = batch.chunk_by_group(self.dp_size, key="uid") if self.dp_size > 1 else [batch]
+        results = ray.get([a.update_policy.remote(shards[d]) for a, d in zip(self.actors, self.actor_dp_ranks)])
         return results[0]
 
     def _recompute_old_log_probs(self, batch: DataProto) -> DataProto:
-        shards = batch.chunk(len(self.actors)) if len(self.actors) > 1 else [batch]
-        outs = ray.get([a.compute_log_prob.remote(s) for a, s in zip(self.actors, shards)])
-        return batch.union(DataProto.concat(outs))
+        shards = batch.chunk(self.dp_size) if self.dp_size > 1 else [batch]
+        outs = ray.get([a.compute_log_prob.remote(shards[d]) for a, d in zip(self.actors, self.actor_dp_ranks)])
+        # Every model-parallel rank of a data-parallel rank returns the same log-probs: keep one each.
+        first_of_dp = {d: i for i, d in reversed(list(enumerate(self.actor_dp_ranks)))}
+        return batch.union(DataProto.concat([outs[first_of_dp[d]] for d in range(self.dp_size)]))
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -264,6 +269,15 @@ class RayPPOTrainer:
         for worker in getattr(self, "actors", []):
             ray.kill(worker)
         self.actors = []
+
+
+def _actor_worker_class(strategy: str) -> type:
+    """The Ray worker class of ``actor.strategy``; Megatron is imported only when asked for."""
+    if strategy == "megatron":
+        from verl.workers.megatron_actor_worker import MegatronActorWorker
+
+        return MegatronActorWorker
+    return ActorWorker
 
 
 def compute_data_metrics(batch: DataProto) -> dict[str, float]:
