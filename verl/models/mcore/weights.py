@@ -1,0 +1,208 @@
+"""HF <-> Megatron-Core weight conversion for Qwen2/Llama (model dir -> Megatron actor -> param sync -> engines).
+
+``load_hf_weights`` gives each rank the shards it owns of an HF state dict; ``export_hf_weights``
+reassembles full HF-named tensors on global rank 0 for the rollout engines. Layout facts used:
+- linear_qkv rows are grouped per query group g: [q heads of g (n_rep * d), k_g (d), v_g (d)],
+  with n_rep = heads / kv_heads; TP rank r owns query groups [r * G/tp, (r+1) * G/tp).
+- linear_fc1 on TP rank r is [gate rows of r; up rows of r] (SwiGLU: silu(first half) * second).
+- column-parallel weights (qkv, fc1, embedding, output layer) split rows, row-parallel weights
+  (linear_proj, fc2) split columns; norms are replicated on every TP rank.
+- PP stage s holds HF layers [s * L/pp, (s+1) * L/pp) under local indices 0..L/pp-1.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from verl.models.mcore.config import hf_has_qkv_bias, hf_head_dim
+from verl.utils.megatron.parallel import ParallelGroups
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def hf_state_dict_keys(hf_config: Any) -> list[str]:
+    """The keys of ``AutoModelForCausalLM(hf_config).state_dict()`` (lm_head.weight is listed even when tied)."""
+    per_layer = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]
+    if hf_has_qkv_bias(hf_config):
+        per_layer = ["self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
+                     "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias"]
+    per_layer += ["self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                  "input_layernorm.weight", "post_attention_layernorm.weight"]
+    keys = ["model.embed_tokens.weight"]
+    for i in range(hf_config.num_hidden_layers):
+        keys += [f"model.layers.{i}.{name}" for name in per_layer]
+    return keys + ["model.norm.weight", "lm_head.weight"]
+
+
+def _attention_shape(hf_config: Any) -> tuple[int, int, int]:
+    """(query groups G, query heads per group n_rep, head dim d)."""
+    groups = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    return groups, hf_config.num_attention_heads // groups, hf_head_dim(hf_config)
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hf_config: Any) -> torch.Tensor:
+    """HF q [H*d, ...], k/v [G*d, ...] -> Megatron's fused [G * (n_rep + 2) * d, ...], grouped per query group."""
+    groups, n_rep, d = _attention_shape(hf_config)
+    tail = q.shape[1:]
+    fused = torch.cat([q.reshape(groups, n_rep * d, *tail), k.reshape(groups, d, *tail),
+                       v.reshape(groups, d, *tail)], dim=1)
+    return fused.reshape(groups * (n_rep + 2) * d, *tail)
+
+
+def split_qkv(fused: torch.Tensor, hf_config: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``fuse_qkv`` for the full (TP-gathered) tensor."""
+    groups, n_rep, d = _attention_shape(hf_config)
+    tail = fused.shape[1:]
+    per_group = fused.reshape(groups, (n_rep + 2) * d, *tail)
+    q, k, v = per_group.split([n_rep * d, d, d], dim=1)
+    return q.reshape(groups * n_rep * d, *tail), k.reshape(groups * d, *tail), v.reshape(groups * d, *tail)
+
+
+def _shard(full: torch.Tensor, dim: int, groups: ParallelGroups) -> torch.Tensor:
+    return full.chunk(groups.tp_size, dim=dim)[groups.tp_rank]
+
+
+def _hf_layer_index(local_index: int, hf_config: Any, groups: ParallelGroups) -> int:
+    return groups.pp_rank * (hf_config.num_hidden_layers // groups.pp_size) + local_index
+
+
+def megatron_shard_from_hf(name: str, hf: dict[str, torch.Tensor], hf_config: Any,
+                            groups: ParallelGroups) -> torch.Tensor:
+    """This rank's value of Megatron parameter ``name``, cut from the full HF tensors."""
+    if name == "embedding.word_embeddings.weight":
+        return _shard(hf["model.embed_tokens.weight"], 0, groups)
+    if name == "output_layer.weight":
+        # A tied model's last stage (PP > 1) keeps its own copy of the input embedding.
+        key = "model.embed_tokens.weight" if hf_config.tie_word_embeddings else "lm_head.weight"
+        return _shard(hf[key], 0, groups)
+    if name == "decoder.final_layernorm.weight":
+        return hf["model.norm.weight"]
+    match = _LAYER.match(name)
+    if match is None:
+        raise KeyError(f"Megatron parameter {name!r} has no HF counterpart")
+    prefix = f"model.layers.{_hf_layer_index(int(match.group(1)), hf_config, groups)}."
+    rest = match.group(2)
+    if rest == "input_layernorm.weight":
+        return hf[prefix + "input_layernorm.weight"]
+    if rest == "pre_mlp_layernorm.weight":
+        return hf[prefix + "post_attention_layernorm.weight"]
+    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        q, k, v = (hf[f"{prefix}self_attn.{p}_proj.{kind}"] for p in "qkv")
+        # Query groups are contiguous in the fused layout, so an even row split gives each TP
+        # rank whole groups.
+        return _shard(fuse_qkv(q, k, v, hf_config), 0, groups)
+    if rest == "self_attention.linear_proj.weight":
+        return _shard(hf[prefix + "self_attn.o_proj.weight"], 1, groups)
+    if rest == "mlp.linear_fc1.weight":
+        return torch.cat([_shard(hf[prefix + "mlp.gate_proj.weight"], 0, groups),
+                          _shard(hf[prefix + "mlp.up_proj.weight"], 0, groups)], dim=0)
+    if rest == "mlp.linear_fc2.weight":
+        return _shard(hf[prefix + "mlp.down_proj.weight"], 1, groups)
+    raise KeyError(f"Megatron parameter {name!r} has no HF counterpart")
+
+
+@torch.no_grad()
+def load_hf_weights(model: torch.nn.Module, hf_state_dict: dict[str, torch.Tensor], hf_config: Any,
+                    groups: ParallelGroups) -> None:
+    """Copy the shards this rank owns from a full HF state dict into ``model`` (one pipeline stage).
+
+    Every parameter of ``model`` is written; a missing HF key or a shape mismatch raises. Values
+    are cast to the parameter's dtype and device.
+    """
+    for name, param in model.named_parameters():
+        value = megatron_shard_from_hf(name, hf_state_dict, hf_config, groups)
+        if value.shape != param.shape:
+            raise ValueError(f"{name}: HF shard has shape {tuple(value.shape)}, Megatron expects {tuple(param.shape)}")
+        param.copy_(value.to(dtype=param.dtype, device=param.device))
+
+
+def _gather_tp(param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """The full tensor of a TP-sharded parameter (concatenated along its partition dim); replicated ones as is."""
+    if groups.tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return param.detach()
+    parts = [torch.empty_like(param) for _ in range(groups.tp_size)]
+    dist.all_gather(parts, param.detach().contiguous(), group=groups.tp)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def _unfuse_fc1(full: torch.Tensor, groups: ParallelGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    # TP-gathered rows are [gate_0; up_0; gate_1; up_1; ...] (one pair per TP rank).
+    per_rank = full.reshape(groups.tp_size, 2, full.shape[0] // (2 * groups.tp_size), *full.shape[1:])
+    return per_rank[:, 0].reshape(-1, *full.shape[1:]), per_rank[:, 1].reshape(-1, *full.shape[1:])
+
+
+def _stage_hf_tensors(model: torch.nn.Module, hf_config: Any, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """This stage's parameters as full HF-named fp32 CPU tensors (collective over the TP group)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        full = _gather_tp(param, groups).float().cpu()
+        if name == "embedding.word_embeddings.weight":
+            out["model.embed_tokens.weight"] = full
+        elif name == "output_layer.weight":
+            if not hf_config.tie_word_embeddings:
+                out["lm_head.weight"] = full
+        elif name == "decoder.final_layernorm.weight":
+            out["model.norm.weight"] = full
+        else:
+            match = _LAYER.match(name)
+            if match is None:
+                raise KeyError(f"Megatron parameter {name!r} has no HF counterpart")
+            prefix = f"model.layers.{_hf_layer_index(int(match.group(1)), hf_config, groups)}."
+            rest = match.group(2)
+            if rest == "input_layernorm.weight":
+                out[prefix + "input_layernorm.weight"] = full
+            elif rest == "pre_mlp_layernorm.weight":
+                out[prefix + "post_attention_layernorm.weight"] = full
+            elif rest.startswith("self_attention.linear_qkv."):
+                kind = rest.rsplit(".", 1)[1]
+                for proj, value in zip("qkv", split_qkv(full, hf_config)):
+                    out[f"{prefix}self_attn.{proj}_proj.{kind}"] = value.clone()
+            elif rest == "self_attention.linear_proj.weight":
+                out[prefix + "self_attn.o_proj.weight"] = full
+            elif rest == "mlp.linear_fc1.weight":
+                gate, up = _unfuse_fc1(full, groups)
+                out[prefix + "mlp.gate_proj.weight"], out[prefix + "mlp.up_proj.weight"] = gate.clone(), up.clone()
+            elif rest == "mlp.linear_fc2.weight":
+                out[prefix + "mlp.down_proj.weight"] = full
+            else:
+                raise KeyError(f"Megatron parameter {name!r} has no HF counterpart")
+    return out
+
+
+@torch.no_grad()
+def export_hf_weights(model: torch.nn.Module, hf_config: Any, groups: ParallelGroups) -> dict[str, torch.Tensor] | None:
+    """Full HF-named fp32 CPU tensors on global rank 0 (None elsewhere); a collective: EVERY rank must call it.
+
+    Shards are all-gathered over TP on the data/context-parallel replica of global rank 0, then
+    the stages of its pipeline (the ranks with tp, cp and dp rank 0) send theirs to it with
+    ``gather_object`` (on NCCL that needs ``torch.cuda.set_device`` done, as usual). The keys
+    equal the HF model's ``state_dict()`` keys; for tied embeddings ``lm_head.weight`` is the
+    embedding tensor itself.
+    """
+    # A TP group shares its dp/cp coordinates, so replicas other than dp = cp = 0 skip the
+    # gathers as a whole group.
+    if groups.cp_rank != 0 or groups.dp_rank != 0:
+        return None
+    stage = _stage_hf_tensors(model, hf_config, groups)
+    if groups.tp_rank != 0:
+        return None
+    if groups.pp_size > 1:
+        received: list[Any] | None = [None] * groups.pp_size if groups.pp_rank == 0 else None
+        dist.gather_object(stage, received, dst=dist.get_global_rank(groups.pp, 0), group=groups.pp)
+        if groups.pp_rank != 0:
+            return None
+        for part in received[1:]:
+            stage.update(part)
+    if dist.get_rank() != 0:
+        return None
+    if hf_config.tie_word_embeddings:
+        stage["lm_head.weight"] = stage["model.embed_tokens.weight"]
+    missing = [k for k in hf_state_dict_keys(hf_config) if k not in stage]
+    if missing:
+        raise KeyError(f"export is missing HF keys {missing[:5]} ({len(missing)} in all)")
+    return {key: stage[key] for key in hf_state_dict_keys(hf_config)}
