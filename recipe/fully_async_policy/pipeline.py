@@ -65,10 +65,13 @@ class AsyncRolloutPipeline:
     def ready(self) -> list[Any]:
         return [r.__ray_ready__.remote() for r in self.rollouters] + [self.queue.__ray_ready__.remote()]
 
-    def start(self, start_step: int, weight_source: Any) -> dict[str, float]:
+    def start(self, start_step: int, weight_sources: list[Any]) -> dict[str, float]:
         """Begin generating for step ``start_step + 1``; the sampler must already be positioned
-        at that step's first group. A resumed run syncs its weights before the first group starts."""
-        self.param_sync = ParamSync(weight_source, self.rollouters)
+        at that step's first group. ``weight_sources`` are all actor ranks, rank 0 first. A
+        resumed run syncs its weights before the first group starts."""
+        self.param_sync = ParamSync(weight_sources, self.rollouters, self.at.param_sync_backend,
+                                    self.config.trainer.device, self.at.queue_timeout_s)
+        self.param_sync.open()
         first = start_step * self.groups_per_step
         self._next_to_feed = first
         ray.get(self.queue.reset.remote(first))
@@ -161,6 +164,12 @@ class AsyncRolloutPipeline:
         return ray.get(self.rollouters[0].validate.remote(prompts, mode, seed))
 
     def shutdown(self) -> None:
+        if self.param_sync is not None:
+            try:
+                self.param_sync.close()
+            except Exception:  # the actor may already be gone; its channel end goes with it
+                pass
+            self.param_sync = None
         for r in self.rollouters:
             try:
                 ray.get(r.stop.remote(), timeout=30)

@@ -1,7 +1,8 @@
 """The rollouter: one engine replica generating prompt groups in the background, under admission control.
 
 dataset prompts (fed by the controller) -> [Rollouter: engine + reward] -> MessageQueue -> trainer;
-ParamSync -> ``update_weights``. Runs as a threaded Ray actor: the generation loop lives in
+ParamSync -> ``update_weights`` (object store) or ``receive_weights`` (collective weight
+channel). Runs as a threaded Ray actor: the generation loop lives in
 a background thread, so ``update_weights``, ``submit``, ``validate`` and ``stats`` are served
 while it generates.
 """
@@ -19,6 +20,7 @@ import torch
 
 from recipe.fully_async_policy.staleness import admission_limit
 from verl.protocol import DataProto
+from verl.utils.weight_channel import WeightChannel
 from verl.workers.rollout.base import GenerationRequest, Trajectory
 from verl.workers.rollout_worker import RolloutWorker, request_seed
 
@@ -59,6 +61,7 @@ class Rollouter:
         self._stop = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._weight_channel: WeightChannel | None = None
         self._t_start = time.perf_counter()
         self._idle_since: float | None = None
         self._stats = {"idle_s": 0.0, "busy_s": 0.0, "groups_done": 0.0, "aborted_requests": 0.0,
@@ -108,6 +111,22 @@ class Rollouter:
             self._stats["update_wait_s"] += t1 - t0
         return {"load_s": t2 - t1, "wait_s": t1 - t0}
 
+    def open_weight_channel(self, master_addr: str, master_port: int, rank: int, world_size: int,
+                            backend: str, timeout_s: float) -> None:
+        """Join the collective weight channel as receiving ``rank`` (``param_sync_backend=collective``)."""
+        self._weight_channel = WeightChannel(rank, world_size, master_addr, master_port, backend, timeout_s)
+
+    def receive_weights(self) -> dict[str, float]:
+        """Receive the next broadcast from the weight channel and load it exactly as
+        ``update_weights`` does; generation goes on while the bytes arrive. Returns
+        ``update_weights``' figures plus ``recv_s`` and the received ``version``."""
+        if self._weight_channel is None:
+            raise RuntimeError("receive_weights: no weight channel (open_weight_channel first)")
+        t0 = time.perf_counter()
+        named_tensors, version = self._weight_channel.receive()
+        recv_s = time.perf_counter() - t0
+        return {**self.update_weights(named_tensors, version), "recv_s": recv_s, "version": float(version)}
+
     def validate(self, prompts: DataProto, mode: str, seed: int) -> DataProto:
         """Generate validation responses with the engine's current weights, between loop calls."""
         with self._cv:
@@ -146,6 +165,9 @@ class Rollouter:
         self.engine.abort_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._weight_channel is not None:
+            self._weight_channel.close()
+            self._weight_channel = None
 
     # ------------------------------------------------------------------ generation loop
     def _loop_guarded(self) -> None:

@@ -83,8 +83,12 @@ def run(config: TrainerConfig) -> dict[str, float]:
     model_path = prepare_model(config)
     trainer = RayPPOTrainer(config, model_path)  # loads and checks the data before Ray starts
     if not ray.is_initialized():
-        ray.init(num_cpus=config.trainer.ray_num_cpus, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+        if os.environ.get("RAY_ADDRESS"):
+            # Attaching to a running cluster (scripts/slurm/): its resources are already declared.
+            ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        else:
+            ray.init(num_cpus=config.trainer.ray_num_cpus, include_dashboard=False, log_to_driver=True,
+                     configure_logging=False)
     log(f"training {config.trainer.total_training_steps} steps; run dir {config.trainer.run_dir}")
     final = trainer.fit()
     report = write_report(config.trainer.run_dir)

@@ -18,11 +18,12 @@ import torch.distributed as dist
 
 from verl.models.loader import load_model_and_tokenizer
 from verl.protocol import DataProto
+from verl.utils.weight_channel import WeightSender
 from verl.workers.actor.config import ActorConfig
 from verl.workers.actor.dp_actor import DataParallelPPOActor, build_optimizer_and_scheduler
 
 
-class ActorWorker:
+class ActorWorker(WeightSender):
     def __init__(
         self,
         model_path: str,
@@ -70,8 +71,11 @@ class ActorWorker:
         metrics["timing/update_actor_s"] = time.perf_counter() - t0
         return metrics
 
-    def get_weights(self) -> dict[str, torch.Tensor]:
-        """Full HF-named weights for the rollout engines (only rank 0 is asked)."""
+    def get_weights(self) -> dict[str, torch.Tensor] | None:
+        """Full HF-named weights for the rollout engines on rank 0; None on the other ranks
+        (param sync asks every rank, as a model-parallel actor must gather collectively)."""
+        if self.rank != 0:
+            return None
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def save_checkpoint(self, directory: str) -> None:

@@ -304,7 +304,16 @@ def test_ppo_clip_sequence_tis_uses_old_policy_as_anchor():
 def test_policy_loss_rejects_bad_arguments():
     logp, rollout, adv, mask = _loss_inputs()
     with pytest.raises(ValueError, match="bypass"):
+        ca.compute_policy_loss(logp, None, adv, mask, mode="reinforce")
+    with pytest.raises(ValueError, match="old_log_prob"):
         ca.compute_policy_loss(logp, None, adv, mask, mode="gspo")
+    with pytest.raises(ValueError, match="rollout_log_prob"):
+        ca.compute_policy_loss(logp, logp.detach(), adv, mask, mode="decoupled_ppo")
+    with pytest.raises(ValueError, match="rollout_log_prob"):
+        ca.compute_policy_loss(logp, None, adv, mask, mode="bypass", rejection_level="token")
+    with pytest.raises(ValueError, match="geometric"):
+        ca.compute_policy_loss(logp, None, adv, mask, mode="bypass", rollout_log_prob=rollout,
+                               rejection_level="segment")
     with pytest.raises(ValueError, match="rollout_log_prob"):
         ca.compute_policy_loss(logp, None, adv, mask, mode="bypass", tis_level="sequence")
     with pytest.raises(ValueError, match="old_log_prob"):

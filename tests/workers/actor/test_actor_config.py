@@ -31,7 +31,7 @@ def test_defaults_are_valid_and_hydra_structured():
         ({"loss_agg_mode": "mean"}, "actor.loss_agg_mode"),
         ({"grad_clip": 0.0}, "actor.grad_clip"),
         ({"entropy_coeff": -0.1}, "actor.entropy_coeff"),
-        ({"policy_loss": PolicyLossConfig(mode="gspo")}, "actor.policy_loss.mode"),
+        ({"policy_loss": PolicyLossConfig(mode="reinforce")}, "actor.policy_loss.mode"),
         ({"policy_loss": PolicyLossConfig(clip_ratio_low=1.5)}, "actor.policy_loss.clip_ratio_low"),
         ({"policy_loss": PolicyLossConfig(clip_ratio_high=-0.1)}, "actor.policy_loss.clip_ratio_high"),
         ({"policy_loss": PolicyLossConfig(clip_ratio_c=1.0)}, "actor.policy_loss.clip_ratio_c"),

@@ -2,7 +2,8 @@
 
 Data flow: the trainer calls ``compute_advantage`` on a rollout batch from the queue; the actor
 calls ``compute_policy_loss`` (which calls ``agg_loss`` and the log-space IS helpers) per
-micro-batch. Every function is pure: tensors in, tensors out; each states its formula.
+micro-batch. Every function is pure: tensors (and, for M2PO's global mask, a process group) in,
+tensors out; each states its formula.
 
 Shapes: B trajectories, R response positions; ``response_mask`` [B, R] is 1 on tokens the policy
 generated. Log-probs are float32 and 0 (or anything) where the mask is 0: masked positions never
@@ -18,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from verl.utils.distributed import all_reduce_sum_
 from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits, masked_mean, masked_sum
 
 if TYPE_CHECKING:
@@ -28,6 +31,7 @@ __all__ = [
     "ADV_ESTIMATORS",
     "LOSS_AGG_MODES",
     "POLICY_LOSS_MODES",
+    "REJECTION_LEVELS",
     "TIS_LEVELS",
     "OutcomeAdvantage",
     "agg_loss",
@@ -39,10 +43,14 @@ __all__ = [
     "compute_rloo_outcome_advantage",
     "entropy_from_logits",
     "get_adv_estimator_fn",
+    "gspo_token_loss",
     "group_ids_from_index",
     "group_ids_from_uids",
     "logprobs_from_logits",
     "loss_normalizer_counts",
+    "m2po_keep_mask",
+    "ppo_clip_token_loss",
+    "rejection_keep_mask",
     "rollout_kl_k3",
     "rollout_kl_k3_per_token",
     "sequence_log_is_weight",
@@ -52,11 +60,14 @@ __all__ = [
 ]
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-POLICY_LOSS_MODES = ("ppo_clip", "bypass")
+POLICY_LOSS_MODES = ("ppo_clip", "bypass", "decoupled_ppo", "gspo")
 TIS_LEVELS = ("none", "token", "sequence")
+REJECTION_LEVELS = ("none", "token", "sequence", "geometric")
 
 # exp() of a log-ratio beyond this overflows float32 or is clipped anyway (e^20 ~ 5e8).
 _MAX_LOG_RATIO = 20.0
+# Bit pattern of the largest finite float32: the top of M2PO's bisection over squared log-ratios.
+_MAX_FINITE_FLOAT32_BITS = 0x7F7FFFFF
 
 
 # --------------------------------------------------------------------------- advantages
@@ -357,6 +368,142 @@ def rollout_kl_k3(
 # --------------------------------------------------------------------------- policy loss
 
 
+def ppo_clip_token_loss(
+    log_prob: torch.Tensor,
+    anchor_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+    clip_ratio_c: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped per-token loss against anchor log-probs a_t; returns (l [B, R], clipped, dual-clipped).
+
+    r_t = exp(clamp(log pi_t - a_t, -20, 20)),
+    l_t = max(-A_t r_t, -A_t clip(r_t, 1 - eps_low, 1 + eps_high)),
+    dual clip for A_t < 0: l_t = min(l_t, -A_t c) (off when ``clip_ratio_c`` is None).
+    ``clipped`` marks tokens where the clipped branch is taken (zero gradient there).
+    """
+    log_ratio = torch.clamp(log_prob - anchor_log_prob, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    losses = torch.maximum(unclipped, clipped)
+    is_clipped = clipped > unclipped
+    if clip_ratio_c is None:
+        return losses, is_clipped, torch.zeros_like(is_clipped)
+    dual = -advantages * clip_ratio_c
+    lower = (advantages < 0) & (losses > dual)
+    return torch.where(lower, dual, losses), is_clipped, lower
+
+
+def gspo_token_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GSPO, token form: returns (l [B, R], clipped [B, R], log s_i [B]).
+
+    Sequence ratio (length-normalised, log space): log s_i = clamp(sum_t m_it (log pi_it - old_it) / L_i, -20, 20).
+    Token ratio s_it = sg(s_i) * pi_it / sg(pi_it): its value is s_i, its gradient s_i grad log pi_it.
+    l_it = max(-A_it s_it, -A_it clip(s_it, 1 - eps_low, 1 + eps_high)).
+    With one advantage per sequence and seq-mean-token-mean aggregation the gradient equals that
+    of GSPO's sequence objective -(1/B) sum_i min(s_i A_i, clip(s_i) A_i), since
+    grad s_i = s_i (1/L_i) sum_t grad log pi_it. Clipping acts on whole sequences.
+    """
+    lengths = response_mask.float().sum(-1).clamp(min=1.0)
+    log_ratio = token_log_is_ratio(log_prob.detach(), old_log_prob, response_mask).float()
+    log_seq_ratio = torch.clamp(log_ratio.sum(-1) / lengths, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_seq_ratio[:, None] + log_prob - log_prob.detach())
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped, log_seq_ratio
+
+
+def rejection_keep_mask(
+    log_ratio: torch.Tensor, response_mask: torch.Tensor, level: str, low: float, high: float
+) -> torch.Tensor:
+    """Masked IS: 1 on response tokens whose IS ratio lies in [low, high], else 0; float [B, R].
+
+    With d_t = log pi_t - log mu_t (``token_log_is_ratio``, 0 off the mask) and L_i the length:
+      token:     keep_t = [low <= exp(d_t) <= high]
+      sequence:  keep_i = [low <= w_i <= high],                  log w_i = sum_t d_t
+      geometric: keep_i = [low <= exp(sum_t d_t / L_i) <= high]  (the per-token geometric mean)
+    Compared in log space (low = 0 means no lower bound). A NaN ratio is rejected.
+    """
+    log_low = math.log(low) if low > 0 else float("-inf")
+    log_high = math.log(high)
+    if level == "token":
+        stat = log_ratio
+    elif level == "sequence":
+        stat = log_ratio.sum(-1, keepdim=True)
+    elif level == "geometric":
+        stat = log_ratio.sum(-1, keepdim=True) / response_mask.float().sum(-1, keepdim=True).clamp(min=1.0)
+    else:
+        raise ValueError(f"unknown rejection_level {level!r}; known: {', '.join(REJECTION_LEVELS[1:])}")
+    keep = (stat >= log_low) & (stat <= log_high)
+    return (keep & (response_mask > 0)).float()
+
+
+def m2po_keep_mask(
+    log_ratio: torch.Tensor,
+    response_mask: torch.Tensor,
+    threshold: float,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """M2PO: mask the tokens with the largest squared log-ratio until the second moment is <= threshold.
+
+    With d_t = log pi_t - log mu_t over the response tokens of ALL ranks of ``group``:
+      M2(S) = sum_{t in S} d_t^2 / |S|;  keep = {t : d_t^2 <= x*},  x* = max{x : M2({t : d_t^2 <= x}) <= tau}.
+    M2 of {d^2 <= x} grows with x, so x* is found by bisection on the bit pattern of the float32
+    d^2 (monotone for non-negative floats), each probe one all-reduce of (count, sum) in float64:
+    the same x* as on the concatenated batch in one process, at most 32 tiny all-reduces and one
+    when nothing needs masking. Tokens tied at x* are kept together; a non-finite d^2 is always
+    masked. Returns (keep [B, R] float, metrics): ``m2po_masked_frac`` (masked share of response
+    tokens), ``m2po_m2_before`` (over the finite d^2), ``m2po_m2_after``; global, equal on every rank.
+    """
+    valid = response_mask > 0
+    squared = torch.where(valid, log_ratio.detach().float() ** 2, torch.zeros((), device=log_ratio.device))
+    finite = valid & torch.isfinite(squared)
+    values = squared[finite]
+
+    def kept_count_and_sum(bits: int) -> torch.Tensor:
+        cut = torch.tensor(bits, dtype=torch.int32).view(torch.float32).to(values.device)
+        selected = values[values <= cut].double()
+        return all_reduce_sum_(torch.stack([selected.new_tensor(float(selected.numel())), selected.sum()]), group)
+
+    def within(stats: torch.Tensor) -> bool:
+        return bool(stats[1] <= threshold * stats[0])
+
+    num_valid = all_reduce_sum_(valid.double().sum().reshape(1), group)[0]
+    low, high = -1, _MAX_FINITE_FLOAT32_BITS
+    total = kept_count_and_sum(high)
+    if within(total):
+        low = high
+    else:
+        high -= 1
+        while low < high:  # invariant: M2 within threshold at low (-1: keep nothing), x* <= high
+            mid = (low + high + 1) // 2
+            if within(kept_count_and_sum(mid)):
+                low = mid
+            else:
+                high = mid - 1
+    if low < 0:
+        keep, kept = torch.zeros_like(finite), total.new_zeros(2)
+    else:
+        cut = torch.tensor(low, dtype=torch.int32).view(torch.float32).to(squared.device)
+        keep = finite & (squared <= cut)
+        kept = total if low == _MAX_FINITE_FLOAT32_BITS else kept_count_and_sum(low)
+    metrics = {
+        "m2po_masked_frac": ((num_valid - kept[0]) / num_valid.clamp(min=1.0)).float(),
+        "m2po_m2_before": (total[1] / total[0].clamp(min=1.0)).float(),
+        "m2po_m2_after": (kept[1] / kept[0].clamp(min=1.0)).float(),
+    }
+    return keep.float(), metrics
+
+
 def compute_policy_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor | None,
@@ -372,51 +519,66 @@ def compute_policy_loss(
     tis_cap: float = 8.0,
     global_num_tokens: float | torch.Tensor | None = None,
     global_num_seqs: float | torch.Tensor | None = None,
+    rejection_level: str = "none",
+    rejection_low: float = 0.5,
+    rejection_high: float = 2.0,
+    token_keep_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss on [B, R] tensors, reduced by ``agg_loss``; returns (loss, metrics).
 
     Per-token loss l_t, with anchor log-probs a_t (the policy the ratio is taken against):
-      ppo_clip: rho_t = exp(log pi_t - old_t), a_t = old_t,
-                l_t = max(-A rho_t, -A clip(rho_t, 1 - eps_low, 1 + eps_high));
-                dual clip for A < 0: l_t = min(l_t, -A c) (off when ``clip_ratio_c`` is None).
-                log rho is clamped to [-20, 20] before exp.
-      bypass:   rho_t = exp(log pi_t - sg(log pi_t)) = 1 with gradient grad log pi_t,
-                a_t = sg(log pi_t), l_t = -A rho_t (no clipping; ``old_log_prob`` unused).
+      ppo_clip:      a_t = old_t, l_t = ``ppo_clip_token_loss`` (clip + dual clip).
+      decoupled_ppo: a_t = old_t = the proximal policy pi_prox (old log-probs recomputed with the
+                     current weights), l_t = w_t * ``ppo_clip_token_loss`` with the behaviour weight
+                     w_t = exp(a_t - log mu_t), detached: truncated by TIS below when tis_level is
+                     token (min(w_t, C)) or sequence (min(w_i, C) on every token); untruncated
+                     (log w_t clamped at 20) when tis_level is none.
+      gspo:          a_t = old_t, l_t = ``gspo_token_loss`` (sequence ratio s_i, token form).
+      bypass:        rho_t = exp(log pi_t - sg(log pi_t)) = 1 with gradient grad log pi_t,
+                     a_t = sg(log pi_t), l_t = -A rho_t (no clipping; ``old_log_prob`` unused).
     Truncated IS against the rollout (behaviour) log-probs mu, detached:
       token:    l_t *= min(exp(a_t - log mu_t), C)
       sequence: l_t *= min(exp(sum_s (a_s - log mu_s)), C)  (the same w~_i on every token of i)
     So bypass + sequence TIS + seq-mean-token-mean is VCPO's l_i = -(w~_i / L_i) sum_t A_i log pi.
+    Masks (a masked token's l_t is replaced by 0 with ``where``, so a NaN there cannot leak):
+      rejection_level (``rejection_keep_mask`` on d_t = a_t - log mu_t, the ratio TIS uses);
+      token_keep_mask (M2PO's, ``m2po_keep_mask``, computed over the global mini-batch by the caller).
+    Masked tokens still count in the normalisers N_tok, N_seq and L_i: they add a zero, so the
+    loss scale does not depend on how many were masked, and shards keep adding up (``agg_loss``).
 
     Metrics (detached 0-dim tensors, no host sync; over this call's tokens/sequences):
     ``pg_loss``, ``pg_clipfrac`` (tokens where the clipped branch is taken),
-    ``pg_clipfrac_lower`` (dual clip), ``ppo_kl`` (mean of old - log pi); with rollout
+    ``pg_clipfrac_lower`` (dual clip), ``ppo_kl`` (mean of a_t - log pi_t); gspo adds
+    ``gspo_clipfrac`` (sequences whose s_i lies outside [1 - eps_low, 1 + eps_high]); with rollout
     log-probs also ``rollout_kl_k3`` (see ``rollout_kl_k3``) and the IS statistics at the TIS
-    level in use (sequence level when ``tis_level="none"``):
+    level in use (sequence level when ``tis_level="none"``, token level for decoupled_ppo):
     ``is_weight_mean`` (truncated), ``log_is_weight_max`` (untruncated, log space),
-    ``is_weight_truncated_frac``, ``is_weight_nonfinite_frac``.
+    ``is_weight_truncated_frac``, ``is_weight_nonfinite_frac``; with a rejection level
+    ``rejected_frac`` (share of response tokens rejected).
     """
     mask = response_mask.float()
     log_prob = log_prob.float()
     adv = advantages.float()
     metrics: dict[str, torch.Tensor] = {}
     zero = torch.zeros((), device=log_prob.device)
-    if mode == "ppo_clip":
+    if mode in ("ppo_clip", "decoupled_ppo", "gspo"):
         if old_log_prob is None:
-            raise ValueError("mode='ppo_clip' needs old_log_prob")
+            raise ValueError(f"mode={mode!r} needs old_log_prob")
         anchor = old_log_prob.float()
-        log_ratio = torch.clamp(log_prob - anchor, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-        ratio = torch.exp(log_ratio)
-        unclipped = -adv * ratio
-        clipped = -adv * torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
-        pg_losses = torch.maximum(unclipped, clipped)
-        metrics["pg_clipfrac"] = masked_mean((clipped > unclipped).float(), mask)
-        if clip_ratio_c is not None:
-            dual = -adv * clip_ratio_c
-            lower = (adv < 0) & (pg_losses > dual)
-            pg_losses = torch.where(lower, dual, pg_losses)
-            metrics["pg_clipfrac_lower"] = masked_mean(lower.float(), mask)
+        if mode == "gspo":
+            pg_losses, clipped, log_seq_ratio = gspo_token_loss(
+                log_prob, anchor, adv, mask, clip_ratio_low, clip_ratio_high
+            )
+            seq_ratio = torch.exp(log_seq_ratio)
+            outside = (seq_ratio < 1.0 - clip_ratio_low) | (seq_ratio > 1.0 + clip_ratio_high)
+            metrics["gspo_clipfrac"] = masked_mean(outside.float(), (mask.sum(-1) > 0).float())
+            lower = torch.zeros_like(clipped)
         else:
-            metrics["pg_clipfrac_lower"] = zero
+            pg_losses, clipped, lower = ppo_clip_token_loss(
+                log_prob, anchor, adv, clip_ratio_low, clip_ratio_high, clip_ratio_c
+            )
+        metrics["pg_clipfrac"] = masked_mean(clipped.float(), mask)
+        metrics["pg_clipfrac_lower"] = masked_mean(lower.float(), mask)
         metrics["ppo_kl"] = masked_mean(anchor - log_prob.detach(), mask)
     elif mode == "bypass":
         anchor = log_prob.detach()
@@ -427,19 +589,33 @@ def compute_policy_loss(
 
     if tis_level not in TIS_LEVELS:
         raise ValueError(f"unknown tis_level {tis_level!r}; known: {', '.join(TIS_LEVELS)}")
-    if tis_level != "none" and rollout_log_prob is None:
-        raise ValueError(f"tis_level={tis_level!r} needs rollout_log_prob")
+    if rejection_level not in REJECTION_LEVELS:
+        raise ValueError(f"unknown rejection_level {rejection_level!r}; known: {', '.join(REJECTION_LEVELS)}")
+    for needs, what in ((tis_level != "none", f"tis_level={tis_level!r}"),
+                        (mode == "decoupled_ppo", "mode='decoupled_ppo'"),
+                        (rejection_level != "none", f"rejection_level={rejection_level!r}")):
+        if needs and rollout_log_prob is None:
+            raise ValueError(f"{what} needs rollout_log_prob")
     if rollout_log_prob is not None:
-        if tis_level == "token":
-            log_weight, weight_mask = token_log_is_ratio(anchor, rollout_log_prob, mask), mask
+        log_ratio = token_log_is_ratio(anchor, rollout_log_prob, mask)
+        weight_level = tis_level if tis_level != "none" else ("token" if mode == "decoupled_ppo" else "sequence")
+        if weight_level == "token":
+            log_weight, weight_mask = log_ratio, mask
         else:
-            log_weight = sequence_log_is_weight(anchor, rollout_log_prob, mask)
-            weight_mask = (mask.sum(dim=-1) > 0).float()
+            log_weight, weight_mask = log_ratio.sum(dim=-1), (mask.sum(dim=-1) > 0).float()
         weight = truncated_is_weight(log_weight, tis_cap)
         if tis_level != "none":
             pg_losses = pg_losses * (weight if tis_level == "token" else weight[:, None])
+        elif mode == "decoupled_ppo":
+            pg_losses = pg_losses * torch.exp(torch.clamp(log_weight.detach().float(), max=_MAX_LOG_RATIO))
         metrics.update(_is_weight_metrics(log_weight, weight, weight_mask, tis_cap))
         metrics["rollout_kl_k3"] = rollout_kl_k3(log_prob, rollout_log_prob, mask)
+        if rejection_level != "none":
+            keep = rejection_keep_mask(log_ratio, mask, rejection_level, rejection_low, rejection_high)
+            pg_losses = torch.where(keep > 0, pg_losses, torch.zeros_like(pg_losses))
+            metrics["rejected_frac"] = masked_mean(1.0 - keep, mask)
+    if token_keep_mask is not None:
+        pg_losses = torch.where(token_keep_mask > 0, pg_losses, torch.zeros_like(pg_losses))
 
     loss = agg_loss(pg_losses, mask, loss_agg_mode, global_num_tokens, global_num_seqs)
     metrics["pg_loss"] = loss.detach()

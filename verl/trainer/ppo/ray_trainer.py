@@ -233,7 +233,7 @@ class RayPPOTrainer:
         if start == 0:
             # A fresh run owns its ledger; a resumed one keeps the records up to its checkpoint.
             (self.run_dir / TRAJECTORY_LOG).unlink(missing_ok=True)
-        self.pipeline.start(start, weight_source=self.actors[0])
+        self.pipeline.start(start, weight_sources=self.actors)
         tracker = Tracking(
             self.run_dir, tc.logger, config=asdict(self.config), total_steps=tc.total_training_steps,
             initial_step=start, project_name=tc.project_name, experiment_name=tc.experiment_name,

@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from verl.trainer.ppo.core_algos import (
     agg_loss,
-    compute_policy_loss,
     group_ids_from_uids,
     loss_normalizer_counts,
     sequence_log_is_weight,
@@ -29,6 +28,12 @@ from verl.utils.config import ConfigError
 from verl.utils.distributed import all_reduce_gradients_, all_reduce_sum_, get_rank, get_world_size
 from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
 from verl.workers.actor.config import ActorConfig, OptimConfig
+from verl.workers.actor.policy_loss import (
+    FORWARD_KEYS,
+    actor_policy_loss,
+    prepare_minibatch,
+    required_batch_keys,
+)
 from verl.workers.actor.traj_grad_norms import (
     PerTrajectoryGradNorms,
     per_trajectory_sq_grad_norms,
@@ -40,8 +45,6 @@ if TYPE_CHECKING:
     from verl.protocol import DataProto
 
 __all__ = ["DataParallelPPOActor", "build_optimizer_and_scheduler", "lr_schedule_factor"]
-
-_FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "responses")
 
 
 def lr_schedule_factor(
@@ -143,6 +146,11 @@ class DataParallelPPOActor:
         entropy = entropy_from_logits(logits) if calculate_entropy else None
         return log_probs, entropy
 
+    def _no_grad_log_prob(self, mini: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        """Log-probs [b, R] of a mini-batch under the current weights, micro-batch by micro-batch, no grad."""
+        with torch.no_grad():
+            return torch.cat([self._forward_micro_batch(m, temperature, False)[0] for m in self._micro_batches(mini)])
+
     def compute_log_prob(
         self, data: "DataProto", calculate_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -151,8 +159,8 @@ class DataParallelPPOActor:
         Uses ``data.meta_info["temperature"]``, which must be the rollout's sampling temperature
         for the result to be comparable with the behaviour log-probs.
         """
-        temperature = _temperature(data)
-        tensors = self._to_device(data, _FORWARD_KEYS)
+        temperature = sampling_temperature(data)
+        tensors = self._to_device(data, FORWARD_KEYS)
         size = self.config.ppo_micro_batch_size_per_gpu
         log_probs, entropies = [], []
         with torch.no_grad():
@@ -168,14 +176,13 @@ class DataParallelPPOActor:
         """One trainer step on this rank's shard: ``ppo_epochs`` passes, one optimizer step per
         mini-batch. Returns metrics (see ``_reduce_history`` for how steps combine).
 
-        Needs ``advantages``, ``response_mask``, the forward inputs, ``rollout_log_probs`` (for
-        TIS, for ppo_clip without recompute, for VCPO, and for the ESS/KL/IS metrics when present),
-        ``old_log_probs`` when ``recompute_old_log_prob`` is set with ppo_clip, and for group-scope
-        OPOB ``token_level_rewards`` and ``non_tensor_batch["uid"]``.
+        Needs the ``policy_loss.required_batch_keys`` of the config (``rollout_log_probs`` is also
+        used for the ESS/KL/IS metrics when present) and, for group-scope OPOB,
+        ``non_tensor_batch["uid"]``.
         """
         if self.optimizer is None:
             raise RuntimeError("update_policy needs an optimizer; this actor was built for log-probs only")
-        temperature = _temperature(data)
+        temperature = sampling_temperature(data)
         tensors = self._to_device(data, self._update_keys(data))
         tensors.update(self._opob_tensors(data))
         local_mini = self._local_mini_batch_size(len(data))
@@ -198,19 +205,23 @@ class DataParallelPPOActor:
         """One optimizer step on one mini-batch: backward passes, all-reduce, VCPO lr scale, clip, step."""
         cfg = self.config
         num_tokens, num_seqs = self._global_counts(mini["response_mask"])
+        masks, mask_metrics = prepare_minibatch(cfg, mini, lambda: self._no_grad_log_prob(mini, temperature),
+                                                self.process_group)
+        mini.update(masks)
         opob = None
         if cfg.grad_baselining.enable:
             log_prob, totals, opob = self._opob_backward(mini, temperature, num_tokens, num_seqs)
         else:
             log_prob, totals = self._loss_backward(mini, temperature, num_tokens, num_seqs)
-        all_reduce_gradients_(self.module.parameters(), self.process_group)
+        self._reduce_gradients()
         all_reduce_sum_(totals, self.process_group)
         lr_scale, vcpo_metrics = self._vcpo_statistics(mini, log_prob, opob)
         grad_norm, lr = self.step_optimizer(lr_scale)
         # Diagnostics over this rank's whole mini-batch (a mean of micro-batch means would weight
         # a short last micro-batch like a full one): one elementwise pass, no forward.
         with torch.no_grad():
-            _, metrics = self._policy_loss(mini, log_prob, num_tokens, num_seqs)
+            _, metrics = actor_policy_loss(cfg, mini, log_prob, num_tokens, num_seqs, self.process_group)
+        metrics.update(mask_metrics)
         out = {f"actor/{k}": v.item() for k, v in metrics.items() if k != "pg_loss"}
         out.update({"actor/loss": totals[0].item(), "actor/pg_loss": totals[1].item(), "actor/lr": lr})
         if cfg.entropy_coeff != 0.0:
@@ -231,7 +242,7 @@ class DataParallelPPOActor:
         log_probs = []
         for micro in self._micro_batches(mini):
             log_prob, entropy = self._forward_micro_batch(micro, temperature, calculate_entropy)
-            pg_loss, _ = self._policy_loss(micro, log_prob, num_tokens, num_seqs)
+            pg_loss, _ = actor_policy_loss(cfg, micro, log_prob, num_tokens, num_seqs, self.process_group)
             loss = pg_loss
             if entropy is not None:
                 mask = micro["response_mask"]
@@ -246,7 +257,7 @@ class DataParallelPPOActor:
 
     # ------------------------------------------------------------------ VCPO
     def _vcpo_statistics(
-        self, mini: dict[str, torch.Tensor], log_prob: torch.Tensor, opob: "_OPOBPass | None"
+        self, mini: dict[str, torch.Tensor], log_prob: torch.Tensor, opob: "OPOBPass | None"
     ) -> tuple[float, dict[str, float]]:
         """(lr scale of this step, ``actor/``-prefixed VCPO metrics) from the global ESS.
 
@@ -273,7 +284,7 @@ class DataParallelPPOActor:
 
     def _opob_backward(
         self, mini: dict[str, torch.Tensor], temperature: float, num_tokens: torch.Tensor, num_seqs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, "_OPOBPass"]:
+    ) -> tuple[torch.Tensor, torch.Tensor, "OPOBPass"]:
         """Leave this rank's share of g = (1/B) sum_i c_i s_i in ``.grad`` (the negative gradient of
         ``vcpo.opob_surrogate_loss``), B the global number of trajectories with response tokens.
 
@@ -301,12 +312,10 @@ class DataParallelPPOActor:
                 ghost.accumulate_weighted_grads(opob.loss_coefficients)
         else:
             sq_norm = per_trajectory_sq_grad_norms(
-                self.module, *(mini[k] for k in _FORWARD_KEYS), mini["response_mask"],
+                self.module, *(mini[k] for k in FORWARD_KEYS), mini["response_mask"],
                 temperature=temperature, method="per_traj",
             )
-            with torch.no_grad():
-                log_prob = torch.cat([self._forward_micro_batch(m, temperature, False)[0]
-                                      for m in self._micro_batches(mini)])
+            log_prob = self._no_grad_log_prob(mini, temperature)
             opob = self._opob_coefficients(mini, log_prob, sq_norm, num_seqs)
             size = self.config.ppo_micro_batch_size_per_gpu
             for start, micro in zip(range(0, len(log_prob), size), self._micro_batches(mini)):
@@ -315,12 +324,12 @@ class DataParallelPPOActor:
                 (k * trajectory_objective(micro_log_prob, micro["response_mask"])).sum().backward()
         with torch.no_grad():
             surrogate = (opob.loss_coefficients * trajectory_objective(log_prob, mini["response_mask"])).sum()
-            pg_loss, _ = self._policy_loss(mini, log_prob, num_tokens, num_seqs)
+            pg_loss, _ = actor_policy_loss(self.config, mini, log_prob, num_tokens, num_seqs, self.process_group)
         return log_prob, torch.stack([surrogate, pg_loss, torch.zeros_like(pg_loss)]), opob
 
     def _opob_coefficients(
         self, mini: dict[str, torch.Tensor], log_prob: torch.Tensor, sq_grad_norms: torch.Tensor, num_seqs: torch.Tensor
-    ) -> "_OPOBPass":
+    ) -> "OPOBPass":
         """Baselines and loss coefficients k_i = -c_i w~_i / (L_i B) of one mini-batch (``vcpo.compute_opob``).
 
         Group scope: values R_i (``scores``), one baseline per uid group on this rank. Minibatch
@@ -339,7 +348,7 @@ class DataParallelPPOActor:
         result = vcpo.compute_opob(cfg.grad_baselining, values, sq_grad_norms, log_w, w_trunc, lengths,
                                    group_ids, self.process_group)
         k = vcpo.opob_loss_coefficients(result.coefficients, w_trunc, lengths, max(float(num_seqs), 1.0))
-        return _OPOBPass(sq_grad_norms, result.baselines, result.log_weights, k)
+        return OPOBPass(sq_grad_norms, result.baselines, result.log_weights, k)
 
     def _opob_tensors(self, data: "DataProto") -> dict[str, torch.Tensor]:
         """Group-scope OPOB inputs: R_i = sum_t token_level_rewards and int64 uid-group ids."""
@@ -374,33 +383,9 @@ class DataParallelPPOActor:
                 "actor.shuffle=false, or use actor.grad_baselining.scope=minibatch",
             ) from err
 
-    def _policy_loss(
-        self,
-        micro: dict[str, torch.Tensor],
-        log_prob: torch.Tensor,
-        num_tokens: torch.Tensor,
-        num_seqs: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg, pl = self.config, self.config.policy_loss
-        old_log_prob = None
-        if pl.mode == "ppo_clip":
-            old_log_prob = micro["old_log_probs" if cfg.recompute_old_log_prob else "rollout_log_probs"]
-        return compute_policy_loss(
-            log_prob,
-            old_log_prob,
-            micro["advantages"],
-            micro["response_mask"],
-            loss_agg_mode=cfg.loss_agg_mode,
-            mode=pl.mode,
-            clip_ratio_low=pl.clip_ratio_low,
-            clip_ratio_high=pl.clip_ratio_high,
-            clip_ratio_c=pl.clip_ratio_c,
-            rollout_log_prob=micro.get("rollout_log_probs"),
-            tis_level=pl.tis_level,
-            tis_cap=pl.tis_cap,
-            global_num_tokens=num_tokens,
-            global_num_seqs=num_seqs,
-        )
+    def _reduce_gradients(self) -> None:
+        """Sum this mini-batch's gradients over the data-parallel group (one all-reduce)."""
+        all_reduce_gradients_(self.module.parameters(), self.process_group)
 
     def step_optimizer(self, lr_scale: float = 1.0) -> tuple[float, float]:
         """Clip the (already all-reduced) gradients and take one optimizer step at lr * lr_scale
@@ -430,17 +415,9 @@ class DataParallelPPOActor:
 
     # ------------------------------------------------------------------ helpers
     def _update_keys(self, data: "DataProto") -> tuple[str, ...]:
-        cfg = self.config
-        keys = [*_FORWARD_KEYS, "response_mask", "advantages"]
-        if "rollout_log_probs" in data.batch:
-            keys.append("rollout_log_probs")
-        if cfg.policy_loss.mode == "ppo_clip":
-            keys.append("old_log_probs" if cfg.recompute_old_log_prob else "rollout_log_probs")
-        if cfg.policy_loss.tis_level != "none" or cfg.ess_scaling.enable or cfg.grad_baselining.enable:
-            keys.append("rollout_log_probs")
-        if cfg.grad_baselining.enable and cfg.grad_baselining.scope == "group":
-            keys.append("token_level_rewards")
-        return tuple(dict.fromkeys(keys))
+        """``required_batch_keys`` plus the behaviour log-probs when present (for the ESS/KL/IS metrics)."""
+        keys = required_batch_keys(self.config)
+        return keys + ("rollout_log_probs",) if "rollout_log_probs" in data.batch else keys
 
     def _micro_batches(self, mini: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         size = self.config.ppo_micro_batch_size_per_gpu
@@ -487,7 +464,7 @@ class DataParallelPPOActor:
         return dict(self.module.state_dict())
 
 
-class _OPOBPass(NamedTuple):
+class OPOBPass(NamedTuple):
     """One mini-batch's OPOB quantities on this rank ([b] each): ‖∇log π(τ_i)‖², scope baselines,
     log W_i, and the loss coefficients k_i whose weighted objective sum_i k_i f_i has gradient -g."""
 
@@ -497,7 +474,7 @@ class _OPOBPass(NamedTuple):
     loss_coefficients: torch.Tensor
 
 
-def _temperature(data: "DataProto") -> float:
+def sampling_temperature(data: "DataProto") -> float:
     if "temperature" not in data.meta_info:
         raise KeyError(
             "actor: data.meta_info['temperature'] is required (the rollout's sampling temperature)"

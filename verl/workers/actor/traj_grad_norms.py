@@ -366,7 +366,7 @@ class PerTrajectoryGradNorms:
         self._keep("rows", module.weight, ids, g)
         heads = [head for head, emb in self._tied.items() if emb is module]
         if not heads:
-            self._sq += _embedding_sq_norm(ids, g, module.num_embeddings).double()
+            self._sq += embedding_sq_norm(ids, g, module.num_embeddings).double()
             return
         h, g_head = self._tied_head.pop(heads[0])
         positions, hidden, vocab = h.shape[1], h.shape[2], g_head.shape[2]
@@ -378,15 +378,15 @@ class PerTrajectoryGradNorms:
             h_dot_g = torch.bmm(h, g.transpose(1, 2))
             head_at_ids = torch.gather(g_head, 2, ids[:, None, :].expand(-1, positions, -1))
             cross = (h_dot_g * head_at_ids).sum((1, 2))
-            self._sq += (head_sq + 2.0 * cross + _embedding_sq_norm(ids, g, module.num_embeddings)).double()
+            self._sq += (head_sq + 2.0 * cross + embedding_sq_norm(ids, g, module.num_embeddings)).double()
             return
-        for start, stop in _sample_chunks(ids.shape[0], vocab * hidden):
+        for start, stop in sample_chunks(ids.shape[0], vocab * hidden):
             full = torch.bmm(g_head[start:stop].transpose(1, 2), h[start:stop])
             full.scatter_add_(1, ids[start:stop, :, None].expand(-1, -1, hidden), g[start:stop])
             self._sq[start:stop] += full.pow(2).sum((1, 2)).double()
 
 
-def _sample_chunks(batch: int, elements_per_sample: int) -> Iterator[tuple[int, int]]:
+def sample_chunks(batch: int, elements_per_sample: int) -> Iterator[tuple[int, int]]:
     step = max(1, _DIRECT_CHUNK_ELEMENTS // max(1, elements_per_sample))
     for start in range(0, batch, step):
         yield start, min(batch, start + step)
@@ -395,12 +395,12 @@ def _sample_chunks(batch: int, elements_per_sample: int) -> Iterator[tuple[int, 
 def _direct_sq_norm(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """‖Σ_t g_t a_tᵀ‖²_F per sample, materialising [chunk, out, in] at a time."""
     out = torch.empty(g.shape[0], dtype=torch.float32, device=g.device)
-    for start, stop in _sample_chunks(g.shape[0], g.shape[2] * a.shape[2]):
+    for start, stop in sample_chunks(g.shape[0], g.shape[2] * a.shape[2]):
         out[start:stop] = torch.bmm(g[start:stop].transpose(1, 2), a[start:stop]).pow(2).sum((1, 2))
     return out
 
 
-def _embedding_sq_norm(ids: torch.Tensor, g: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+def embedding_sq_norm(ids: torch.Tensor, g: torch.Tensor, num_embeddings: int) -> torch.Tensor:
     """Per sample Σ_v ‖Σ_{t: id_t = v} g_t‖²: segment sums over (sample, token id), O(B·T·H)."""
     batch, positions, hidden = g.shape
     keys = (torch.arange(batch, device=ids.device)[:, None] * num_embeddings + ids).reshape(-1)

@@ -1,0 +1,155 @@
+"""One rank of the Megatron-Core actor, run as a Ray actor (trainer -> actor -> param sync).
+
+The drop-in counterpart of ``actor_worker.ActorWorker`` for ``actor.strategy=megatron``: the same
+constructor and methods, plus ``data_parallel_rank``/``data_parallel_size`` so the controller sends
+each rank the batch shard of its data-parallel replica (the TP/CP/PP ranks of one replica receive
+the same shard). All ranks form one torch.distributed group (gloo on CPU, NCCL on GPU) on which
+Megatron builds its DP x TP x CP x PP groups; every method is called on every rank together.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from verl.models.loader import load_model_and_tokenizer
+from verl.protocol import DataProto
+from verl.utils.distributed import find_free_port
+from verl.utils.megatron.parallel import initialize_megatron
+from verl.utils.weight_channel import WeightSender
+from verl.workers.actor.config import ActorConfig
+from verl.workers.actor.megatron_actor import (
+    MegatronPPOActor,
+    build_megatron_model,
+    build_megatron_optimizer_and_scheduler,
+)
+from verl.workers.actor_worker import _rng_state, _set_rng_state
+
+# Distributed-optimizer and mixed-precision optimizers keep fp32 master copies outside the model.
+_MAIN_PARAM_GROUPS = ("fp32_from_float16_groups", "shard_fp32_from_float16_groups")
+
+
+class MegatronActorWorker(WeightSender):
+    def __init__(
+        self,
+        model_path: str,
+        actor_config: ActorConfig,
+        total_training_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 0,
+        num_threads: int = 1,
+        seed: int = 0,
+        dtype: str = "float32",
+        device: str = "cpu",
+    ):
+        torch.set_num_threads(num_threads)
+        self.rank, self.world_size = rank, world_size
+        if not dist.is_initialized():
+            # Megatron needs a process group even for one rank.
+            port = master_port or (find_free_port() if world_size == 1 else 0)
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(port)
+            dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
+        if device == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.manual_seed(seed)
+        hf_model, self.tokenizer = load_model_and_tokenizer(model_path, dtype="float32")
+        self.hf_config = hf_model.config
+        parallel = actor_config.megatron
+        parallel.validate("actor.megatron", world_size, self.hf_config)
+        self.groups = initialize_megatron(parallel, seed)
+        params_dtype = getattr(torch, dtype)
+        self.model = build_megatron_model(self.hf_config, parallel, self.groups, hf_model.state_dict(), params_dtype)
+        del hf_model
+        self.optimizer, self.lr_scheduler = build_megatron_optimizer_and_scheduler(
+            self.model, actor_config.optim, total_training_steps, parallel.use_distributed_optimizer, params_dtype,
+        )
+        self.actor = MegatronPPOActor(actor_config, self.model, self.optimizer, self.lr_scheduler,
+                                      self.groups, self.hf_config)
+
+    def data_parallel_rank(self) -> int:
+        return self.groups.dp_rank
+
+    def data_parallel_size(self) -> int:
+        return self.groups.dp_size
+
+    def compute_log_prob(self, data: DataProto) -> DataProto:
+        log_probs, _ = self.actor.compute_log_prob(data)
+        return DataProto.from_dict(tensors={"old_log_probs": log_probs})
+
+    def update_policy(self, data: DataProto) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = self.actor.update_policy(data)
+        metrics["timing/update_actor_s"] = time.perf_counter() - t0
+        return metrics
+
+    def get_weights(self) -> dict[str, torch.Tensor] | None:
+        """Full HF-named weights on rank 0 (None elsewhere); a collective: call it on EVERY rank."""
+        return self.actor.get_weights()
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Each rank writes its own shard: model stage/shard, optimizer state, lr schedule, RNG."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "model": self.model.module.state_dict(),
+                "optimizer": [_optimizer_shard_state(o) for o in _chained(self.optimizer)],
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "rng": _rng_state(),
+                "world_size": self.world_size,
+            },
+            path / f"megatron_actor_rank{self.rank:05d}.pt",
+        )
+        dist.barrier()
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore this rank's shard; the checkpoint must come from the same parallel layout."""
+        state = torch.load(Path(directory) / f"megatron_actor_rank{self.rank:05d}.pt", map_location="cpu",
+                           weights_only=False)
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"checkpoint {directory} was written by {state['world_size']} ranks, "
+                             f"this actor has {self.world_size}: reload with the same actor.megatron layout")
+        self.model.module.load_state_dict(state["model"])
+        for optimizer, shard in zip(_chained(self.optimizer), state["optimizer"]):
+            _load_optimizer_shard_state(optimizer, shard)
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        _set_rng_state(state["rng"])
+
+    def export_hf(self, directory: str) -> None:
+        """Write the current policy as a Hugging Face checkpoint (model + tokenizer) from rank 0; collective."""
+        from transformers import AutoModelForCausalLM
+
+        weights = self.get_weights()
+        if weights is None:
+            return
+        model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
+        model.load_state_dict(weights)
+        model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+
+def _chained(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _optimizer_shard_state(optimizer: Any) -> dict[str, Any]:
+    """This rank's inner torch optimizer state (over its own shard of parameters) and fp32 master copies."""
+    masters = {name: [[p.detach().clone() for p in group] for group in getattr(optimizer, name)]
+               for name in _MAIN_PARAM_GROUPS if hasattr(optimizer, name)}
+    return {"inner": optimizer.optimizer.state_dict(), "masters": masters}
+
+
+def _load_optimizer_shard_state(optimizer: Any, state: dict[str, Any]) -> None:
+    optimizer.optimizer.load_state_dict(state["inner"])
+    with torch.no_grad():
+        for name, groups in state["masters"].items():
+            for live_group, saved_group in zip(getattr(optimizer, name), groups):
+                for live, saved in zip(live_group, saved_group):
+                    live.copy_(saved)
