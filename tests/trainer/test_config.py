@@ -63,3 +63,19 @@ def test_wrong_type_fails_in_hydra():
     with pytest.raises(Exception) as err:
         load("data.train_batch_size=many")
     assert "train_batch_size" in str(err.value)
+
+
+def test_megatron_sizes_are_checked_against_the_actor_world_before_ray_starts():
+    megatron = ("actor.strategy=megatron", "actor.megatron.tensor_model_parallel_size=2")
+    # 4 ranks at TP = 2 leave 2 data-parallel ranks: a mini-batch of 128 splits, one of 8 x 8 groups too.
+    config = load(*megatron, "trainer.actor_world_size=4")
+    assert config.actor.megatron.data_parallel_size(4) == 2
+    with pytest.raises(ConfigError) as err:
+        load(*megatron, "trainer.actor_world_size=3")
+    assert err.value.key == "trainer.actor_world_size" and "tp*pp*cp" in str(err.value)
+    # Only data-parallel ranks split the batch: 6 ranks at TP = 2 are 3 DP ranks, and 128 % 3 != 0.
+    with pytest.raises(ConfigError, match="data-parallel size") as err:
+        load(*megatron, "trainer.actor_world_size=6")
+    assert err.value.key == "actor.ppo_mini_batch_size"
+    # The torch actor would accept 2 ranks for the same batch: the DP size, not the world, decides.
+    load("trainer.actor_world_size=2")

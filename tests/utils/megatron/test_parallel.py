@@ -17,7 +17,7 @@ def test_data_parallel_size_is_world_over_tp_pp_cp():
 @pytest.mark.parametrize("fields, world_size, key", [
     ({"tensor_model_parallel_size": 0}, None, "actor.megatron.tensor_model_parallel_size"),
     ({"sequence_parallel": True}, None, "actor.megatron.sequence_parallel"),
-    ({"tensor_model_parallel_size": 2, "context_parallel_size": 2}, 6, "world_size"),
+    ({"tensor_model_parallel_size": 2, "context_parallel_size": 2}, 6, "trainer.actor_world_size"),
     ({"tensor_model_parallel_size": 4}, None, "model.num_key_value_heads"),  # tiny: 4 heads, 2 KV heads
     ({"tensor_model_parallel_size": 8}, None, "model.num_attention_heads"),
     ({"pipeline_model_parallel_size": 3}, None, "model.num_hidden_layers"),

@@ -41,7 +41,7 @@ class MegatronParallelConfig:
             raise ConfigError(f"{prefix}.sequence_parallel", self.sequence_parallel,
                               f"needs {prefix}.tensor_model_parallel_size > 1 (it splits the sequence over TP ranks)")
         if world_size is not None and world_size % self.model_parallel_size != 0:
-            raise ConfigError("world_size", world_size,
+            raise ConfigError("trainer.actor_world_size", world_size,
                               f"must be divisible by tp*pp*cp = {tp}*{pp}*{cp} = {self.model_parallel_size}")
         if hf_config is None:
             return

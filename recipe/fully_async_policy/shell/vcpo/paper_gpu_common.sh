@@ -4,10 +4,9 @@
 # constant, weight decay 0.1, bf16, temperature 1.0 for training, validation at T = 0.8,
 # top-p 0.7.
 #
-# NOTE: the GPU backends these scripts select, `rollout.name=vllm` (vLLM engine) and
-# `actor.strategy=megatron` (Megatron-Core actor), are not in this build yet: the scripts
-# pass the overrides so they run unchanged once the backends land; today they stop at
-# start-up with an error naming the key.
+# Backends: vLLM engine (`rollout.name=vllm`) and the Megatron-Core actor
+# (`actor.strategy=megatron`, parallel sizes per task in _task.sh; see docs/megatron.md).
+# Both are tested on CPU; these GPU-scale settings have not been run by this project.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../../.."
 PYTHON=${PYTHON:-python}

@@ -14,6 +14,9 @@ task=(
   rollout.max_seq_len=4096
   actor.ppo_mini_batch_size=64
   actor.ppo_micro_batch_size_per_gpu=8
+  # Our parallel layout, not the paper's (Qwen2-1.5B has 2 KV heads: TP <= 2); DP = NGPUS / 2.
+  actor.megatron.tensor_model_parallel_size=2
+  actor.megatron.sequence_parallel=true
   trainer.total_training_steps=400
   trainer.val_freq=20
 )

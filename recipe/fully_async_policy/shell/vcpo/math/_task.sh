@@ -14,6 +14,9 @@ task=(
   rollout.max_seq_len=3072
   actor.ppo_mini_batch_size=512
   actor.ppo_micro_batch_size_per_gpu=4
+  # Our parallel layout, not the paper's (Qwen2.5-7B has 4 KV heads: TP <= 4); DP = NGPUS / 4.
+  actor.megatron.tensor_model_parallel_size=4
+  actor.megatron.sequence_parallel=true
   trainer.total_training_steps=400
   trainer.val_freq=20
 )
