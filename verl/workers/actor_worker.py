@@ -90,7 +90,7 @@ class ActorWorker(WeightSender):
                 },
                 path / "actor.pt",
             )
-        torch.save(_rng_state(), path / f"actor_rng_rank{self.rank}.pt")
+        torch.save(capture_rng_state(), path / f"actor_rng_rank{self.rank}.pt")
 
     def load_checkpoint(self, directory: str) -> None:
         path = Path(directory)
@@ -101,7 +101,7 @@ class ActorWorker(WeightSender):
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         rng_file = path / f"actor_rng_rank{self.rank}.pt"
         if rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(torch.load(rng_file, weights_only=False))
 
     def export_hf(self, directory: str) -> None:
         """Write the current policy as a Hugging Face checkpoint (model + tokenizer)."""
@@ -110,11 +110,11 @@ class ActorWorker(WeightSender):
             self.tokenizer.save_pretrained(directory)
 
 
-def _rng_state() -> dict[str, Any]:
+def capture_rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])

@@ -28,7 +28,7 @@ from verl.workers.actor.megatron_actor import (
     build_megatron_model,
     build_megatron_optimizer_and_scheduler,
 )
-from verl.workers.actor_worker import _rng_state, _set_rng_state
+from verl.workers.actor_worker import capture_rng_state, set_rng_state
 
 # Distributed-optimizer and mixed-precision optimizers keep fp32 master copies outside the model.
 _MAIN_PARAM_GROUPS = ("fp32_from_float16_groups", "shard_fp32_from_float16_groups")
@@ -102,7 +102,7 @@ class MegatronActorWorker(WeightSender):
                 "model": self.model.module.state_dict(),
                 "optimizer": [_optimizer_shard_state(o) for o in _chained(self.optimizer)],
                 "lr_scheduler": self.lr_scheduler.state_dict(),
-                "rng": _rng_state(),
+                "rng": capture_rng_state(),
                 "world_size": self.world_size,
             },
             path / f"megatron_actor_rank{self.rank:05d}.pt",
@@ -120,7 +120,7 @@ class MegatronActorWorker(WeightSender):
         for optimizer, shard in zip(_chained(self.optimizer), state["optimizer"]):
             _load_optimizer_shard_state(optimizer, shard)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def export_hf(self, directory: str) -> None:
         """Write the current policy as a Hugging Face checkpoint (model + tokenizer) from rank 0; collective."""
