@@ -183,7 +183,8 @@ class ContextParallelCoreAttention(torch.nn.Module):
                 attention_mask: torch.Tensor | None, attn_mask_type: Any = None,
                 attention_bias: torch.Tensor | None = None, packed_seq_params: Any = None) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("context-parallel CPU attention supports neither packed sequences nor bias")
+            raise ValueError("the CPU context-parallel attention takes neither packed sequences nor an "
+                             "attention bias (the actor passes padded, left-aligned rows)")
         key = self._gather_in_order(key)
         value = self._gather_in_order(value)
         sq = query.shape[0]

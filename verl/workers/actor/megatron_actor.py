@@ -274,10 +274,6 @@ class MegatronPPOActor(DataParallelPPOActor):
         return self._from_last_stage(local, shape)
 
     # ------------------------------------------------------------------ forward
-    def _forward_micro_batch(self, micro: dict[str, torch.Tensor], temperature: float,
-                             calculate_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError("the Megatron actor runs micro-batches through Megatron's schedule (_run_schedule)")
-
     def _no_grad_log_prob(self, mini: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
         """Log-probs [b, R] of a mini-batch under the current weights (forward-only schedule), on every stage."""
         mini = mini if "mc_input_ids" in mini else {**mini, **self._megatron_layout(mini)}
