@@ -37,8 +37,9 @@ from verl.utils.tracking import read_metrics  # noqa: E402
 
 # The CPU testbed shared by every run (recipe/fully_async_policy/shell/vcpo/countdown/): tiny
 # Qwen2 with its cached warm start, 16 prompts x 8 responses, GRPO, one optimizer step per
-# weight sync, and the bypass loss with sequence TIS C = 8 under every method, so the methods
-# differ only in what they add on top of it.
+# weight sync, and the bypass loss with sequence TIS C = 8, so the methods differ only in what
+# they add on top of it. M2PO alone swaps sequence TIS for the token-level TIS it was designed
+# around (docs/losses.md).
 TESTBED_OVERRIDES = (
     "model.path=preset:tiny",
     "data.train_batch_size=16",
@@ -62,7 +63,11 @@ _NO_VCPO = ("actor.ess_scaling.enable=false", "actor.grad_baselining.enable=fals
 METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
     "sync": _NO_VCPO,
     "tis": _NO_VCPO,
-    "m2po": _NO_VCPO + ("actor.policy_loss.m2po=true", "actor.policy_loss.m2po_threshold=0.04"),
+    "m2po": _NO_VCPO + (
+        "actor.policy_loss.tis_level=token",
+        "actor.policy_loss.m2po=true",
+        "actor.policy_loss.m2po_threshold=0.04",
+    ),
     "vcpo": (
         "actor.ess_scaling.enable=true",
         "actor.ess_scaling.scaling_rule=sqrt",
@@ -153,10 +158,17 @@ def plan_grid(grid: GridConfig) -> list[RunSpec]:
     return specs
 
 
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0]
+
+
 def run_overrides(spec: RunSpec, grid: GridConfig, run_dir: Path) -> list[str]:
+    # A method's setting replaces the testbed's (Hydra rejects a key given twice).
+    method = METHOD_OVERRIDES[spec.method]
+    replaced = {_override_key(o) for o in method}
     return [
-        *TESTBED_OVERRIDES,
-        *METHOD_OVERRIDES[spec.method],
+        *(o for o in TESTBED_OVERRIDES if _override_key(o) not in replaced),
+        *method,
         f"actor.optim.lr={grid.lr}",
         f"async_training.k={spec.k}",
         # Partial rollouts keep the rollouter busy across weight updates; at k = 0 no update can

@@ -194,7 +194,7 @@ def test_overrides_per_method_are_the_table_of_the_task(tmp_path):
                       "actor.ess_scaling.enable": "false", "actor.grad_baselining.enable": "false"},
         ("m2po", 32): {"async_training.k": "32", "actor.ess_scaling.enable": "false",
                        "actor.grad_baselining.enable": "false", "actor.policy_loss.m2po": "true",
-                       "actor.policy_loss.m2po_threshold": "0.04"},
+                       "actor.policy_loss.m2po_threshold": "0.04", "actor.policy_loss.tis_level": "token"},
         ("vcpo", 4): {"async_training.k": "4", "actor.ess_scaling.enable": "true",
                       "actor.ess_scaling.scaling_rule": "sqrt", "actor.grad_baselining.enable": "true",
                       "actor.grad_baselining.scope": "group", "actor.grad_baselining.norm_by_std": "true"},
@@ -202,6 +202,9 @@ def test_overrides_per_method_are_the_table_of_the_task(tmp_path):
     for (method, k), want in expected.items():
         got = _overrides(method, k, tmp_path)
         assert {key: got.get(key) for key in {**common, **want}} == {**common, **want}, method
+        cmd_keys = [o.split("=", 1)[0] for o in stability.run_command(
+            stability.RunSpec(method, k, 3, False), stability.GridConfig(), tmp_path)[3:]]
+        assert len(cmd_keys) == len(set(cmd_keys)), f"{method}: a key is given twice"
         if method != "m2po":
             assert "actor.policy_loss.m2po" not in got
 
@@ -218,7 +221,8 @@ def test_overrides_resolve_through_the_product_config(method, k, tmp_path):
     assert config.async_training.queue_capacity(config.data.train_batch_size) == (k + 1) * 16
     assert config.actor.ess_scaling.enable == (method == "vcpo")
     assert config.actor.grad_baselining.enable == (method == "vcpo")
-    assert config.actor.policy_loss.tis_level == "sequence" and config.actor.policy_loss.mode == "bypass"
+    assert config.actor.policy_loss.tis_level == ("token" if method == "m2po" else "sequence")
+    assert config.actor.policy_loss.mode == "bypass" and config.actor.policy_loss.m2po == (method == "m2po")
     assert config.trainer.run_dir == str(tmp_path)
 
 
