@@ -13,6 +13,7 @@ reassembles full HF-named tensors on global rank 0 for the rollout engines. Layo
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,6 +63,12 @@ def split_qkv(fused: torch.Tensor, hf_config: Any) -> tuple[torch.Tensor, torch.
     return q.reshape(groups * n_rep * d, *tail), k.reshape(groups * d, *tail), v.reshape(groups * d, *tail)
 
 
+def _unfuse_fc1(full: torch.Tensor, groups: ParallelGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    # TP-gathered rows are [gate_0; up_0; gate_1; up_1; ...] (one pair per TP rank).
+    per_rank = full.reshape(groups.tp_size, 2, full.shape[0] // (2 * groups.tp_size), *full.shape[1:])
+    return per_rank[:, 0].reshape(-1, *full.shape[1:]), per_rank[:, 1].reshape(-1, *full.shape[1:])
+
+
 def _shard(full: torch.Tensor, dim: int, groups: ParallelGroups) -> torch.Tensor:
     return full.chunk(groups.tp_size, dim=dim)[groups.tp_rank]
 
@@ -70,40 +77,81 @@ def _hf_layer_index(local_index: int, hf_config: Any, groups: ParallelGroups) ->
     return groups.pp_rank * (hf_config.num_hidden_layers // groups.pp_size) + local_index
 
 
+@dataclass(frozen=True)
+class HFCounterpart:
+    """Where a Megatron parameter's values live in the HF state dict, and how they are laid out.
+
+    ``layout``: ``replicated`` (same tensor on every TP rank), ``rows`` / ``cols`` (one HF tensor
+    split over TP along dim 0 / 1), ``qkv`` (q, k, v fused per query group, then rows),
+    ``gate_up`` (gate and up each split over rows, concatenated per TP rank). ``exported`` is false
+    for a tied output layer: the embedding already carries those values.
+    """
+
+    hf_keys: tuple[str, ...]
+    layout: str
+    exported: bool = True
+
+
+_LAYER_PARAMS: dict[str, tuple[tuple[str, ...], str]] = {
+    "input_layernorm.weight": (("input_layernorm.weight",), "replicated"),
+    "pre_mlp_layernorm.weight": (("post_attention_layernorm.weight",), "replicated"),
+    "self_attention.linear_qkv.weight": (tuple(f"self_attn.{p}_proj.weight" for p in "qkv"), "qkv"),
+    "self_attention.linear_qkv.bias": (tuple(f"self_attn.{p}_proj.bias" for p in "qkv"), "qkv"),
+    "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), "cols"),
+    "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
+    "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "cols"),
+}
+
+
+def hf_counterpart(name: str, hf_config: Any, groups: ParallelGroups) -> HFCounterpart:
+    """The one Megatron -> HF name table, used by both ``load_hf_weights`` and ``export_hf_weights``."""
+    if name == "embedding.word_embeddings.weight":
+        return HFCounterpart(("model.embed_tokens.weight",), "rows")
+    if name == "output_layer.weight":
+        # A tied model's last stage (PP > 1) keeps its own copy of the input embedding.
+        if hf_config.tie_word_embeddings:
+            return HFCounterpart(("model.embed_tokens.weight",), "rows", exported=False)
+        return HFCounterpart(("lm_head.weight",), "rows")
+    if name == "decoder.final_layernorm.weight":
+        return HFCounterpart(("model.norm.weight",), "replicated")
+    match = _LAYER.match(name)
+    if match is None or match.group(2) not in _LAYER_PARAMS:
+        raise KeyError(f"Megatron parameter {name!r} has no HF counterpart")
+    prefix = f"model.layers.{_hf_layer_index(int(match.group(1)), hf_config, groups)}."
+    suffixes, layout = _LAYER_PARAMS[match.group(2)]
+    return HFCounterpart(tuple(prefix + s for s in suffixes), layout)
+
+
 def megatron_shard_from_hf(name: str, hf: dict[str, torch.Tensor], hf_config: Any,
                             groups: ParallelGroups) -> torch.Tensor:
     """This rank's value of Megatron parameter ``name``, cut from the full HF tensors."""
-    if name == "embedding.word_embeddings.weight":
-        return _shard(hf["model.embed_tokens.weight"], 0, groups)
-    if name == "output_layer.weight":
-        # A tied model's last stage (PP > 1) keeps its own copy of the input embedding.
-        key = "model.embed_tokens.weight" if hf_config.tie_word_embeddings else "lm_head.weight"
-        return _shard(hf[key], 0, groups)
-    if name == "decoder.final_layernorm.weight":
-        return hf["model.norm.weight"]
-    match = _LAYER.match(name)
-    if match is None:
-        raise KeyError(f"Megatron parameter {name!r} has no HF counterpart")
-    prefix = f"model.layers.{_hf_layer_index(int(match.group(1)), hf_config, groups)}."
-    rest = match.group(2)
-    if rest == "input_layernorm.weight":
-        return hf[prefix + "input_layernorm.weight"]
-    if rest == "pre_mlp_layernorm.weight":
-        return hf[prefix + "post_attention_layernorm.weight"]
-    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = rest.rsplit(".", 1)[1]
-        q, k, v = (hf[f"{prefix}self_attn.{p}_proj.{kind}"] for p in "qkv")
+    where = hf_counterpart(name, hf_config, groups)
+    tensors = [hf[key] for key in where.hf_keys]
+    if where.layout == "replicated":
+        return tensors[0]
+    if where.layout in ("rows", "cols"):
+        return _shard(tensors[0], 0 if where.layout == "rows" else 1, groups)
+    if where.layout == "qkv":
         # Query groups are contiguous in the fused layout, so an even row split gives each TP
         # rank whole groups.
-        return _shard(fuse_qkv(q, k, v, hf_config), 0, groups)
-    if rest == "self_attention.linear_proj.weight":
-        return _shard(hf[prefix + "self_attn.o_proj.weight"], 1, groups)
-    if rest == "mlp.linear_fc1.weight":
-        return torch.cat([_shard(hf[prefix + "mlp.gate_proj.weight"], 0, groups),
-                          _shard(hf[prefix + "mlp.up_proj.weight"], 0, groups)], dim=0)
-    if rest == "mlp.linear_fc2.weight":
-        return _shard(hf[prefix + "mlp.down_proj.weight"], 1, groups)
-    raise KeyError(f"Megatron parameter {name!r} has no HF counterpart")
+        return _shard(fuse_qkv(*tensors, hf_config), 0, groups)
+    return torch.cat([_shard(t, 0, groups) for t in tensors], dim=0)  # gate_up
+
+
+def hf_tensors_from_megatron(name: str, full: torch.Tensor, hf_config: Any,
+                             groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """Inverse of ``megatron_shard_from_hf`` for the TP-gathered ``full`` tensor of ``name``."""
+    where = hf_counterpart(name, hf_config, groups)
+    if not where.exported:
+        return {}
+    if where.layout == "qkv":
+        parts = split_qkv(full, hf_config)
+    elif where.layout == "gate_up":
+        parts = _unfuse_fc1(full, groups)
+    else:
+        return {where.hf_keys[0]: full}
+    # The parts are views into the gathered tensor; own them so it can be freed.
+    return {key: part.clone() for key, part in zip(where.hf_keys, parts)}
 
 
 @torch.no_grad()
@@ -130,47 +178,11 @@ def _gather_tp(param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     return torch.cat(parts, dim=param.partition_dim)
 
 
-def _unfuse_fc1(full: torch.Tensor, groups: ParallelGroups) -> tuple[torch.Tensor, torch.Tensor]:
-    # TP-gathered rows are [gate_0; up_0; gate_1; up_1; ...] (one pair per TP rank).
-    per_rank = full.reshape(groups.tp_size, 2, full.shape[0] // (2 * groups.tp_size), *full.shape[1:])
-    return per_rank[:, 0].reshape(-1, *full.shape[1:]), per_rank[:, 1].reshape(-1, *full.shape[1:])
-
-
 def _stage_hf_tensors(model: torch.nn.Module, hf_config: Any, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     """This stage's parameters as full HF-named fp32 CPU tensors (collective over the TP group)."""
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
-        full = _gather_tp(param, groups).float().cpu()
-        if name == "embedding.word_embeddings.weight":
-            out["model.embed_tokens.weight"] = full
-        elif name == "output_layer.weight":
-            if not hf_config.tie_word_embeddings:
-                out["lm_head.weight"] = full
-        elif name == "decoder.final_layernorm.weight":
-            out["model.norm.weight"] = full
-        else:
-            match = _LAYER.match(name)
-            if match is None:
-                raise KeyError(f"Megatron parameter {name!r} has no HF counterpart")
-            prefix = f"model.layers.{_hf_layer_index(int(match.group(1)), hf_config, groups)}."
-            rest = match.group(2)
-            if rest == "input_layernorm.weight":
-                out[prefix + "input_layernorm.weight"] = full
-            elif rest == "pre_mlp_layernorm.weight":
-                out[prefix + "post_attention_layernorm.weight"] = full
-            elif rest.startswith("self_attention.linear_qkv."):
-                kind = rest.rsplit(".", 1)[1]
-                for proj, value in zip("qkv", split_qkv(full, hf_config)):
-                    out[f"{prefix}self_attn.{proj}_proj.{kind}"] = value.clone()
-            elif rest == "self_attention.linear_proj.weight":
-                out[prefix + "self_attn.o_proj.weight"] = full
-            elif rest == "mlp.linear_fc1.weight":
-                gate, up = _unfuse_fc1(full, groups)
-                out[prefix + "mlp.gate_proj.weight"], out[prefix + "mlp.up_proj.weight"] = gate.clone(), up.clone()
-            elif rest == "mlp.linear_fc2.weight":
-                out[prefix + "mlp.down_proj.weight"] = full
-            else:
-                raise KeyError(f"Megatron parameter {name!r} has no HF counterpart")
+        out.update(hf_tensors_from_megatron(name, _gather_tp(param, groups).float().cpu(), hf_config, groups))
     return out
 
 
