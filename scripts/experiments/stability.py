@@ -597,6 +597,26 @@ def execute(grid: GridConfig, specs: Sequence[RunSpec], out: Path, resume: bool)
     print(f"grid finished in {_fmt_s(time.perf_counter() - t_grid)}", flush=True)
 
 
+def link_reference_runs(specs: Sequence[RunSpec], out: Path, source: Path, steps: int) -> list[RunSpec]:
+    """Link the synchronous runs of another grid (``source``, its ``--out``) into ``out/runs`` so
+    they are this grid's reference; returns the specs left to run. For controls that change one
+    setting (e.g. ``--lr``) of the async runs but must be compared with the original sync runs."""
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        if spec.method != SYNC:
+            continue
+        src = (source / "runs" / spec.name).resolve()
+        if not run_is_complete(src, steps):
+            raise FileNotFoundError(f"--sync-from: {src} is not a complete {steps}-step run")
+        dst = runs_dir / spec.name
+        if dst.exists() and not dst.is_symlink():
+            raise FileExistsError(f"--sync-from: {dst} is a run of this grid; remove it or drop --sync-from")
+        dst.unlink(missing_ok=True)
+        dst.symlink_to(src)
+    return [spec for spec in specs if spec.method != SYNC]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[GridConfig, argparse.Namespace]:
     default = GridConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -617,6 +637,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GridConfig, argparse.
                    help="defaults for a < 15 min check: one seed, sync + tis/m2po/vcpo at k = 16, 50 steps, "
                         "validation every 10 on 200 problems (flags given explicitly still win)")
     p.add_argument("--resume", action="store_true", help="keep finished runs in --out and run only the rest")
+    p.add_argument("--sync-from", default=None, metavar="DIR",
+                   help="take the synchronous reference runs from another grid's --out (linked, not rerun), "
+                        "e.g. for a control at another --lr")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     p.add_argument("--aggregate-only", action="store_true", help="rebuild results.md and plots from --out")
     args = p.parse_args(argv)
@@ -630,6 +653,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GridConfig, argparse.
         collapse_auc_ratio=args.collapse_auc_ratio, out=args.out,
     )
     grid.validate("stability")
+    if args.sync_from and SYNC not in grid.methods:
+        p.error(f"--sync-from needs {SYNC!r} in --methods: the linked runs are the reference")
     return grid, args
 
 
@@ -648,7 +673,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.aggregate_only:
         out.mkdir(parents=True, exist_ok=True)
         (out / "grid.json").write_text(json.dumps(asdict(grid), indent=1))
-        execute(grid, specs, out, resume=args.resume)
+        to_run = specs
+        if args.sync_from:
+            try:
+                to_run = link_reference_runs(specs, out, Path(args.sync_from), grid.steps)
+            except (FileNotFoundError, FileExistsError) as e:
+                sys.exit(f"error: {e}")
+        execute(grid, to_run, out, resume=args.resume)
     print(f"results: {aggregate(grid, specs, out)}", flush=True)
 
 

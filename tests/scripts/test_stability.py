@@ -240,6 +240,34 @@ def test_run_is_complete_needs_the_marker_and_the_last_step(tmp_path):
     assert not stability.run_is_complete(run, 4)
 
 
+def _complete_run(run: Path, steps: int) -> None:
+    run.mkdir(parents=True)
+    with open(run / "metrics.jsonl", "w") as f:
+        for r in _records([0.3, 0.4], steps // 2, 1.0, [0] * steps):
+            f.write(json.dumps(r) + "\n")
+    (run / stability.RUN_MARKER).write_text(json.dumps({"returncode": 0}))
+
+
+def test_sync_from_links_the_reference_runs_and_leaves_the_rest_to_run(tmp_path):
+    grid = stability.GridConfig(methods=["sync", "tis"], ks=[0, 32], seeds=2, steps=4)
+    specs = stability.plan_grid(grid)
+    source, out = tmp_path / "main", tmp_path / "control"
+    _complete_run(source / "runs" / "sync_k0_seed1", 4)
+    with pytest.raises(FileNotFoundError, match="sync_k0_seed2"):
+        stability.link_reference_runs(specs, out, source, 4)
+    _complete_run(source / "runs" / "sync_k0_seed2", 4)
+    left = stability.link_reference_runs(specs, out, source, 4)
+    assert [s.name for s in left] == ["tis_k32_seed1", "tis_k32_seed2"]
+    linked = out / "runs" / "sync_k0_seed2"
+    assert linked.is_symlink() and stability.run_is_complete(linked, 4)
+    # linking again (a resumed control) is fine; a real run in the way is not overwritten
+    assert len(stability.link_reference_runs(specs, out, source, 4)) == 2
+    linked.unlink()
+    _complete_run(linked, 4)
+    with pytest.raises(FileExistsError, match="sync_k0_seed2"):
+        stability.link_reference_runs(specs, out, source, 4)
+
+
 def test_plots_one_png_per_metric(tmp_path):
     curves = {
         ("sync", 0, 1): stability.curves_from_records(_records([0.3, 0.4], 2, 1.0, [0, 0, 0, 0], val_s0=1.0)),
