@@ -9,6 +9,9 @@ into ``results.md`` (one row per method and k, over seeds) and PNG plots.
     PYTHONPATH=. python scripts/experiments/stability.py --out runs/stability            # full grid
     PYTHONPATH=. python scripts/experiments/stability.py --quick --out runs/stability_quick
     PYTHONPATH=. python scripts/experiments/stability.py --out runs/stability --resume   # after an interruption
+    # a control at another lr, compared with the full grid's sync runs:
+    PYTHONPATH=. python scripts/experiments/stability.py --methods sync,tis --ks 0,32 --lr 6.3e-5 \
+        --sync-from runs/stability --out runs/stability_lr_control
 """
 
 from __future__ import annotations
