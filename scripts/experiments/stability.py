@@ -275,6 +275,20 @@ def worst_after_start(steps: np.ndarray, accs: np.ndarray) -> float:
     return float(later.min()) if len(later) else math.nan
 
 
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to ``window`` points (NaNs carried as their neighbours' mean)."""
+    if window <= 1:
+        return values
+    v = np.where(np.isfinite(values), values, 0.0)
+    ok = np.isfinite(values).astype(np.float64)
+    csum, ccount = np.cumsum(np.insert(v, 0, 0.0)), np.cumsum(np.insert(ok, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    counts = ccount[idx] - ccount[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, (csum[idx] - csum[lo]) / counts, np.nan)
+
+
 def windowed_min(values: np.ndarray, window: int) -> float:
     """min over t of the mean of values[t : t + window] (NaNs skipped); the raw minimum of the ESS
     ratio sits near 1/B in every stale run, a windowed mean shows sustained drops."""
@@ -282,8 +296,7 @@ def windowed_min(values: np.ndarray, window: int) -> float:
     if not len(v):
         return math.nan
     w = min(window, len(v))
-    sums = np.convolve(v, np.ones(w), mode="valid")
-    return float(sums.min() / w)
+    return float(smooth(v, w)[w - 1:].min())  # full windows only
 
 
 def time_to_target(wall_s: np.ndarray, accs: np.ndarray, target: float) -> float | None:
@@ -451,20 +464,6 @@ PLOT_METRICS = (
 METHOD_COLOURS = {"sync": "black", "tis": "tab:red", "m2po": "tab:orange", "vcpo": "tab:blue"}
 
 
-def smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over up to ``window`` points (NaNs carried as their neighbours' mean)."""
-    if window <= 1:
-        return values
-    v = np.where(np.isfinite(values), values, 0.0)
-    ok = np.isfinite(values).astype(np.float64)
-    csum, ccount = np.cumsum(np.insert(v, 0, 0.0)), np.cumsum(np.insert(ok, 0, 0.0))
-    idx = np.arange(1, len(values) + 1)
-    lo = np.maximum(idx - window, 0)
-    counts = ccount[idx] - ccount[lo]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, (csum[idx] - csum[lo]) / counts, np.nan)
-
-
 def plot_grid(curves: dict[tuple[str, int, int], RunCurves], warm_acc: float, out_dir: Path) -> list[Path]:
     """One PNG per metric, one panel per async k (sync drawn in every panel as the reference);
     methods as colours, seeds as thin lines, the seed mean of accuracy as a thick line."""
@@ -571,15 +570,17 @@ def execute(grid: GridConfig, specs: Sequence[RunSpec], out: Path, resume: bool)
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     durations: list[float] = []
     t_grid = time.perf_counter()
+    # Decided once: only the run being executed changes state during the loop.
+    kept = {s.name for s in specs if resume and run_is_complete(runs_dir / s.name, grid.steps)}
     for i, spec in enumerate(specs, 1):
         run_dir = runs_dir / spec.name
         tag = f"[{i}/{len(specs)}] {spec.method} k={spec.k} seed {spec.seed}"
-        if resume and run_is_complete(run_dir, grid.steps):
+        if spec.name in kept:
             print(f"{tag}: complete, skipped", flush=True)
             continue
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        remaining = sum(1 for s in specs[i - 1:] if not (resume and run_is_complete(runs_dir / s.name, grid.steps)))
+        remaining = sum(1 for s in specs[i - 1:] if s.name not in kept)
         eta = f", ETA {_fmt_s(np.mean(durations) * remaining)} for {remaining} run(s)" if durations else ""
         print(f"{tag}: running{eta}", flush=True)
         t0 = time.perf_counter()
