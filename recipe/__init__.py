@@ -1,1 +1,1 @@
-"""Recipes built on the ``verl`` package; ``fully_async_policy`` is the asynchronous RL pipeline."""
+"""Recipes built on the ``verl`` package; ``fully_async_policy`` holds the fully-async launch scripts."""

@@ -1,4 +1,4 @@
-"""The fully-async pipeline: Rollouter -> MessageQueue -> trainer -> ParamSync, with lag bounded by k.
+"""Launch scripts (``shell/vcpo/<task>/``) of the fully-async pipeline in ``verl.trainer.fully_async``.
 
 Synchronous training is the same pipeline at k = 0; ``verl.trainer.ppo.ray_trainer`` drives it.
 """

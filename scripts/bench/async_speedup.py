@@ -6,8 +6,9 @@ mean per-step rollout time r (the trainer's wait for its batch) and train time t
 of the step) the ideal overlap speedup is (r + t) / max(r, t); the async runs' steps/s are
 compared with it. A second synchronous run gives both cores to each phase in turn (two
 torch threads per worker), the strong baseline on a 2-core machine. Every run uses the same
-data, model (the cached warm start of the CPU default), seed, bypass loss with sequence TIS
-(C = 8) and partial rollouts for k > 0; all runs share one Ray cluster in one process.
+data, model (the cached warm start of the Countdown task), seed and loss: ``task=countdown`` with
+``method=sync`` at k = 0 and ``method=tis`` (bypass, sequence TIS C = 8, partial rollouts) at k > 0;
+all runs share one Ray cluster in one process.
 
     PYTHONPATH=. python scripts/bench/async_speedup.py --steps 60 --ks 1,2,4,8
 """
@@ -21,26 +22,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 
-from verl.trainer.config import register_configs, to_trainer_config
+from verl.trainer.config import TrainerConfig, load_config
 from verl.trainer.main_ppo import run
 from verl.utils.tracking import read_metrics
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
-
-def _config(out: Path, name: str, steps: int, val_freq: int, val_samples: int, k: int, threads: int):
-    overrides = [
-        "actor.policy_loss.mode=bypass", "actor.policy_loss.tis_level=sequence", "actor.policy_loss.tis_cap=8",
-        f"async_training.k={k}", f"async_training.partial_rollout={str(k > 0).lower()}",
+def _config(out: Path, name: str, steps: int, val_freq: int, val_samples: int, k: int, threads: int) -> TrainerConfig:
+    """The Countdown testbed with method ``sync`` at k = 0 and ``tis`` (the same loss plus partial
+    rollouts) at k > 0; greedy validation only, no checkpoints."""
+    return load_config([
+        "task=countdown", f"method={'sync' if k == 0 else 'tis'}", f"async_training.staleness_threshold={k}",
         f"async_training.num_threads_per_worker={threads}", f"trainer.total_training_steps={steps}",
-        f"trainer.val_freq={val_freq}", f"data.val_max_samples={val_samples}", "trainer.save_freq=0",
-        "rollout.val_kwargs.mean_at_n_samples=0", "trainer.logger=[jsonl]", f"trainer.run_dir={out / name}",
-        "trainer.resume=disable",
-    ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return to_trainer_config(compose(config_name="ppo_trainer", overrides=overrides))
+        f"trainer.test_freq={val_freq}", f"data.val_max_samples={val_samples}", "trainer.save_freq=-1",
+        "actor_rollout_ref.rollout.val_kwargs.do_sample=false", "trainer.logger=[jsonl]",
+        f"trainer.default_local_dir={out / name}", "trainer.resume_mode=disable",
+    ])
 
 
 def summarize(run_dir: Path, warmup: int) -> dict[str, float]:
@@ -75,7 +72,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state means")
     parser.add_argument("--out", default="runs/bench_async_speedup")
     args = parser.parse_args()
-    register_configs()
     out = Path(args.out)
     plan = [("sync_1thread", 0, 1)] + [(f"async_k{k}", int(k), 1) for k in args.ks.split(",")] + \
         [("sync_2threads", 0, 2)]

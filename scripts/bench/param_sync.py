@@ -19,9 +19,10 @@ import ray
 import torch
 from transformers import Qwen2ForCausalLM
 
-from recipe.fully_async_policy.param_sync import ParamSync
 from verl.models.char_tokenizer import build_char_tokenizer
 from verl.models.presets import round_up_vocab_size, tiny_qwen2_config
+from verl.trainer.config import load_config
+from verl.trainer.fully_async.param_sync import ParamSync
 from verl.utils.weight_channel import WeightChannel, WeightSender
 
 
@@ -74,11 +75,12 @@ class Replica:
         return float(sum(v.double().sum() for v in self.live.values()))
 
 
-def measure(weights: dict[str, torch.Tensor], replicas: int, backend: str, repeats: int) -> dict[str, float]:
+def measure(weights: dict[str, torch.Tensor], replicas: int, backend: str, repeats: int,
+            timeout_s: float) -> dict[str, float]:
     share = 1.0 / (1 + replicas)
     source = ray.remote(num_cpus=share)(Source).remote(weights)
     targets = [ray.remote(num_cpus=share, max_concurrency=2)(Replica).remote(weights) for _ in range(replicas)]
-    sync = ParamSync([source], targets, backend=backend, timeout_s=120.0)
+    sync = ParamSync([source], targets, backend=backend, timeout_s=timeout_s)
     t_open = time.perf_counter()
     sync.open()
     open_s = time.perf_counter() - t_open
@@ -100,7 +102,11 @@ def main() -> None:
     parser.add_argument("--payloads", default="tiny,small,synthetic50mb")
     parser.add_argument("--replicas", default="1,2")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--timeout-s", type=float, default=None,
+                        help="bound of one sync (default: async_training.param_sync_timeout_s of task=countdown "
+                             "method=vcpo)")
     args = parser.parse_args()
+    timeout_s = args.timeout_s or load_config(["task=countdown", "method=vcpo"]).async_training.param_sync_timeout_s
     torch.set_num_threads(1)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     print("| payload | MB | replicas | object_store sync (ms) | collective sync (ms) | collective broadcast (ms) "
@@ -110,8 +116,8 @@ def main() -> None:
         weights = payload(name)
         megabytes = sum(v.numel() * v.element_size() for v in weights.values()) / 1e6
         for replicas in map(int, args.replicas.split(",")):
-            store = measure(weights, replicas, "object_store", args.repeats)
-            coll = measure(weights, replicas, "collective", args.repeats)
+            store = measure(weights, replicas, "object_store", args.repeats, timeout_s)
+            coll = measure(weights, replicas, "collective", args.repeats, timeout_s)
             print(f"| {name} | {megabytes:.1f} | {replicas} | {store['sync_s'] * 1e3:.1f} | {coll['sync_s'] * 1e3:.1f} "
                   f"| {coll['send_s'] * 1e3:.1f} | {store['load_s'] * 1e3:.1f} | {store['sync_s'] / coll['sync_s']:.2f}x |",
                   flush=True)

@@ -26,7 +26,7 @@ from transformers import GenerationConfig, Qwen2ForCausalLM
 from verl.models.char_tokenizer import build_char_tokenizer
 from verl.models.presets import round_up_vocab_size, tiny_qwen2_config
 from verl.workers.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
-from verl.workers.rollout.config import RolloutConfig
+from verl.workers.rollout.config import EngineKwargs, RolloutConfig, VLLMEngineKwargs
 from verl.workers.rollout.torch_engine import TorchRolloutEngine
 
 
@@ -76,6 +76,15 @@ def timed(fn, *args) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
+def rollout_config(prompts: list[list[int]], args, name: str = "torch", **overrides) -> RolloutConfig:
+    """One engine's settings for the bench: room for the longest prompt plus ``--new-tokens``,
+    every prompt decoded in one batch, T = 1 with no top-k/top-p (the defaults)."""
+    config = RolloutConfig(name=name, prompt_length=max(map(len, prompts)), response_length=args.new_tokens,
+                           max_num_seqs=len(prompts), seed=args.seed, **overrides)
+    config.validate("actor_rollout_ref.rollout")
+    return config
+
+
 def median_update_ms(engine: RolloutEngine, new_weights: list, repeats: int = 5) -> float:
     durations = []
     for version in range(1, repeats + 1):
@@ -90,8 +99,7 @@ def vllm_rows(model, tokenizer, prompts: list[list[int]], args, torch_rates: dic
     """VLLMRolloutEngine tokens/s per mode beside the torch engine's best, and its update time."""
     from verl.workers.rollout.vllm_rollout import VLLMRolloutEngine
 
-    config = RolloutConfig(name="vllm", max_seq_len=max(map(len, prompts)) + args.new_tokens,
-                           max_batch_size=len(prompts), max_new_tokens=args.new_tokens, seed=args.seed)
+    config = rollout_config(prompts, args, "vllm")
     start = time.perf_counter()
     # eos is passed per request in `natural` mode, so one engine serves both modes.
     engine = VLLMRolloutEngine.from_model(model, tokenizer, config, default_stop_token_ids=())
@@ -119,14 +127,12 @@ def vllm_mismatch_rows(model, tokenizer, prompts: list[list[int]], args) -> None
     log-prob at T = 1, the contract value); prints max |d| and the k3 estimate of
     KL(mu || pi), mean over tokens of exp(d) - 1 - d, in float64.
     """
-    from verl.workers.rollout.config import VLLMConfig
     from verl.workers.rollout.vllm_rollout import VLLMRolloutEngine
 
     print(f"{'vLLM dtype':10} {'max |dlogp|':>12} {'k3 KL(rollout||trainer)':>24} {'tokens':>7}")
     for dtype in ("float32", "bfloat16"):
-        config = RolloutConfig(name="vllm", max_seq_len=max(map(len, prompts)) + args.new_tokens,
-                               max_batch_size=len(prompts), max_new_tokens=args.new_tokens, seed=args.seed,
-                               vllm=VLLMConfig(dtype=dtype, logprobs_mode="raw_logprobs"))
+        config = rollout_config(prompts, args, "vllm", dtype=dtype,
+                                engine_kwargs=EngineKwargs(vllm=VLLMEngineKwargs(logprobs_mode="raw_logprobs")))
         engine = VLLMRolloutEngine.from_model(model, tokenizer, config, default_stop_token_ids=())
         requests = [GenerationRequest(str(i), p, SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens,
                                                                 seed=i)) for i, p in enumerate(prompts)]
@@ -170,13 +176,14 @@ def main() -> None:
           f"prompt_len={min(map(len, prompts))}-{max(map(len, prompts))}")
     print(f"{'mode':8} {'threads':>7} {'engine tok/s':>13} {'HF tok/s':>10} {'ratio':>6}")
     torch_rates: dict[str, float] = {}  # best torch-engine rate per mode over thread counts
+    config = rollout_config(prompts, args)
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for mode in args.modes.split(","):
             stop_ids = None if mode == "natural" else ()
-            engine = TorchRolloutEngine(model, tokenizer, max_batch_size=len(prompts),
-                                        max_seq_len=max(map(len, prompts)) + args.new_tokens,
-                                        seed=args.seed, default_stop_token_ids=stop_ids)
+            engine = TorchRolloutEngine(model, tokenizer, max_batch_size=config.max_num_seqs,
+                                        max_seq_len=config.max_seq_len, seed=config.seed,
+                                        default_stop_token_ids=stop_ids)
             eos_id = tokenizer.eos_token_id if mode == "natural" else None
             warm = prompts[:4]
             engine_generate_tokens(engine, warm, 4)
@@ -196,7 +203,7 @@ def main() -> None:
                   f"   (engine {engine_best[0]} tok in {engine_best[1]:.2f}s, "
                   f"HF {hf_best[0]} tok in {hf_best[1]:.2f}s)")
 
-    engine = TorchRolloutEngine(model, tokenizer, max_batch_size=len(prompts))
+    engine = TorchRolloutEngine(model, tokenizer, max_batch_size=config.max_num_seqs, max_seq_len=config.max_seq_len)
     new_weights = [(name, tensor.detach().clone()) for name, tensor in model.state_dict().items()]
     print(f"update_weights: {median_update_ms(engine, new_weights):.2f} ms median of 5 "
           f"({len(new_weights)} tensors, {n_params * 4 / 2**20:.1f} MiB fp32)")

@@ -2,11 +2,13 @@
 
 Side by side in one run, through the REAL ``DataParallelPPOActor.update_policy`` (one mini-batch,
 one AdamW step, fp32, CPU, one thread):
-- ``plain``: the VCPO recipe's loss without VCPO (bypass, sequence TIS, seq-mean-token-mean; the
-  ESS diagnostics are still computed, as in every run);
-- ``vcpo_batched``: ESS-scaled lr + OPOB (group scope, norm_by_std), batched per-trajectory norms
-  with deferred weight gradients (the default);
-- ``vcpo_per_traj``: the same with one forward/backward per trajectory for the norms (the release's way).
+- ``plain``: ``method=tis``, the VCPO recipe's loss without VCPO (bypass, sequence TIS,
+  seq-mean-token-mean; the ESS diagnostics are still computed, as in every run);
+- ``vcpo_batched``: ``method=vcpo``, ESS-scaled lr + OPOB (group scope, norm_by_std), batched
+  per-trajectory norms with deferred weight gradients (the default);
+- ``vcpo_per_traj``: the same with ``actor_rollout_ref.actor.update_policy_per_traj=true``, one
+  forward/backward per trajectory for the norms (the release's way).
+Each variant's update settings are resolved from ``task=countdown method=<m>`` (``load_config``).
 With ``--assembly`` it also times the two ways of forming the OPOB gradient after the batched norms
 on one micro-batch (second backward on the retained graph vs deferred weight gradients).
 
@@ -39,16 +41,12 @@ from transformers import Qwen2ForCausalLM
 from verl.models.char_tokenizer import build_char_tokenizer
 from verl.models.presets import round_up_vocab_size, tiny_qwen2_config
 from verl.protocol import DataProto
+from verl.trainer.config import load_config
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
-from verl.workers.actor.config import ActorConfig, OptimConfig, PolicyLossConfig
+from verl.workers.actor.config import PolicyUpdateConfig
 from verl.workers.actor.dp_actor import DataParallelPPOActor, build_optimizer_and_scheduler
 from verl.workers.actor.traj_grad_norms import PerTrajectoryGradNorms, trajectory_objective
-from verl.workers.utils.vcpo import (
-    ESSScalingConfig,
-    GradBaseliningConfig,
-    opob_loss_coefficients,
-    opob_surrogate_loss,
-)
+from verl.workers.utils.vcpo import opob_loss_coefficients, opob_surrogate_loss
 
 VARIANTS = ("plain", "vcpo_batched", "vcpo_per_traj")
 ASSEMBLY = ("assembly_second_backward", "assembly_deferred")
@@ -88,17 +86,23 @@ def build(preset: str, batch: int, seed: int) -> tuple[Qwen2ForCausalLM, DataPro
     return model, data
 
 
+def update_config(variant: str, batch: int, micro: int) -> PolicyUpdateConfig:
+    """The actor's update as a run of the Countdown task resolves it: ``method=tis`` for ``plain``
+    and ``method=vcpo`` otherwise, one mini-batch of ``batch`` trajectories (``batch / GROUP``
+    prompts) per step."""
+    prompts = batch // GROUP
+    return load_config([
+        "task=countdown", f"method={'tis' if variant == 'plain' else 'vcpo'}",
+        f"data.train_batch_size={prompts}", f"actor_rollout_ref.rollout.n={GROUP}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}",
+        f"actor_rollout_ref.actor.update_policy_per_traj={str(variant == 'vcpo_per_traj').lower()}",
+        "actor_rollout_ref.actor.optim.lr=1e-5",
+    ]).policy_update_config()
+
+
 def make_actor(model: Qwen2ForCausalLM, variant: str, batch: int, micro: int) -> DataParallelPPOActor:
-    vcpo_on = variant != "plain"
-    config = ActorConfig(
-        ppo_mini_batch_size=batch, ppo_micro_batch_size_per_gpu=micro,
-        policy_loss=PolicyLossConfig(mode="bypass", tis_level="sequence"),
-        ess_scaling=ESSScalingConfig(enable=vcpo_on),
-        grad_baselining=GradBaseliningConfig(
-            enable=vcpo_on, grad_norm_method="per_traj" if variant == "vcpo_per_traj" else "batched"),
-        optim=OptimConfig(lr=1e-5),
-    )
-    config.validate("actor")
+    config = update_config(variant, batch, micro)
     optimizer, scheduler = build_optimizer_and_scheduler(model, config.optim, total_steps=100)
     return DataParallelPPOActor(config, model, optimizer, scheduler)
 
@@ -187,6 +191,8 @@ def main() -> None:
             result = memory_worker(preset, batch, variants[0], micro, args.seed)
         print(json.dumps(result))
         return
+    if any(int(b) % GROUP for b in args.batches.split(",")):
+        parser.error(f"--batches {args.batches}: each must be a multiple of the group size {GROUP}")
 
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores); one torch thread per process")
     print("| preset | B | variant | step s | × plain | peak RSS growth MiB |")

@@ -12,15 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
-from hydra import compose, initialize_config_dir
 
-from verl.trainer.config import register_configs, to_trainer_config
+from verl.trainer.config import load_config
 from verl.trainer.main_ppo import prepare_model, run
 from verl.utils.dataset.countdown import write_countdown_parquet
 from verl.utils.tracking import read_metrics
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-register_configs()
+ARR = "actor_rollout_ref"
 
 # Compared between runs: what the rollout produced, what the actor computed, and validation.
 COMPARED = ("critic/score/mean", "response_length/mean", "actor/pg_loss", "actor/grad_norm", "val/greedy_acc")
@@ -31,29 +29,25 @@ def assets(tmp_path_factory):
     """Small Countdown files and a briefly warm-started tiny model, shared by the module."""
     root = tmp_path_factory.mktemp("e2e")
     files = write_countdown_parquet(root / "data", train_size=2000, test_size=48, seed=3)
-    cfg = to_trainer_config(_compose(
-        "model.warm_start.steps=150", f"trainer.cache_dir={root / 'cache'}",
+    cfg = load_config([
+        f"{ARR}.model.warm_start.steps=150", f"trainer.cache_dir={root / 'cache'}",
         f"data.train_files=[{files['train']}]", f"data.val_files=[{files['test']}]",
-    ))
+    ])
     model_dir = prepare_model(cfg)
     yield {"root": root, "train": str(files["train"]), "test": str(files["test"]), "model": model_dir}
     if ray.is_initialized():
         ray.shutdown()
 
 
-def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name="ppo_trainer", overrides=list(overrides))
-
-
 def _config(assets, run_dir: Path, *overrides: str):
-    return to_trainer_config(_compose(
-        f"model.path={assets['model']}", "model.warm_start.enable=false",
+    """8 prompts x 4 responses per step, one optimizer step of all 8 prompts."""
+    return load_config([
+        f"{ARR}.model.path={assets['model']}", f"{ARR}.model.warm_start.enable=false",
         f"data.train_files=[{assets['train']}]", f"data.val_files=[{assets['test']}]",
-        "data.train_batch_size=8", "rollout.n=4", "actor.ppo_mini_batch_size=32",
-        "actor.ppo_micro_batch_size_per_gpu=16", "trainer.logger=[jsonl]", f"trainer.run_dir={run_dir}",
+        "data.train_batch_size=8", f"{ARR}.rollout.n=4", f"{ARR}.actor.ppo_mini_batch_size=8",
+        f"{ARR}.actor.ppo_micro_batch_size_per_gpu=16", "trainer.logger=[jsonl]", f"trainer.default_local_dir={run_dir}",
         "trainer.val_before_train=false", *overrides,
-    ))
+    ])
 
 
 def _by_step(run_dir: Path) -> dict[int, dict]:
@@ -70,9 +64,9 @@ def _assert_same_metrics(a: dict, b: dict, step: int) -> None:
 @pytest.mark.slow
 def test_seeded_run_is_reproducible_and_resume_continues_exactly(assets, tmp_path):
     full = tmp_path / "full"
-    run(_config(assets, full, "trainer.total_training_steps=4", "trainer.val_freq=2", "trainer.save_freq=2"))
+    run(_config(assets, full, "trainer.total_training_steps=4", "trainer.test_freq=2", "trainer.save_freq=2"))
     again = tmp_path / "again"
-    run(_config(assets, again, "trainer.total_training_steps=2", "trainer.val_freq=2", "trainer.save_freq=2"))
+    run(_config(assets, again, "trainer.total_training_steps=2", "trainer.test_freq=2", "trainer.save_freq=2"))
     # Same seed, same first two steps, bit for bit.
     a, b = _by_step(full), _by_step(again)
     for step in (1, 2):
@@ -80,7 +74,7 @@ def test_seeded_run_is_reproducible_and_resume_continues_exactly(assets, tmp_pat
     assert (again / "checkpoints" / "global_step_2" / "COMPLETE").exists()
 
     # Continue the 2-step run to 4 steps: it resumes from its step-2 checkpoint.
-    run(_config(assets, again, "trainer.total_training_steps=4", "trainer.val_freq=2", "trainer.save_freq=2"))
+    run(_config(assets, again, "trainer.total_training_steps=4", "trainer.test_freq=2", "trainer.save_freq=2"))
     b = _by_step(again)
     assert sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
@@ -121,19 +115,20 @@ def test_missing_data_file_names_the_path(assets, tmp_path):
 
 
 def test_warm_start_is_cached(assets, tmp_path):
-    cfg = to_trainer_config(_compose(
-        "model.warm_start.steps=150", f"trainer.cache_dir={assets['root'] / 'cache'}",
+    cfg = load_config([
+        f"{ARR}.model.warm_start.steps=150", f"trainer.cache_dir={assets['root'] / 'cache'}",
         f"data.train_files=[{assets['train']}]", f"data.val_files=[{assets['test']}]",
-    ))
+    ])
     # Same settings: the cached checkpoint is returned, not retrained.
     assert prepare_model(cfg) == assets["model"]
 
 
-MEGATRON_TP2 = ("actor.strategy=megatron", "trainer.actor_world_size=2",
-                "actor.megatron.tensor_model_parallel_size=2", "actor.megatron.sequence_parallel=true")
-VCPO_ASYNC = ("actor.policy_loss.tis_level=sequence", "actor.ess_scaling.enable=true",
-              "actor.grad_baselining.enable=true", "actor.grad_baselining.norm_by_std=true",
-              "async_training.k=2", "async_training.partial_rollout=true", "trainer.val_freq=0")
+MEGATRON_TP2 = (f"{ARR}.actor.strategy=megatron", "trainer.n_gpus_per_node=2",
+                f"{ARR}.actor.megatron.tensor_model_parallel_size=2", f"{ARR}.actor.megatron.sequence_parallel=true")
+VCPO_ASYNC = ("async_training.skip_recompute_old_log_prob=true", "algorithm.rollout_correction.rollout_is=sequence",
+              f"{ARR}.actor.ess_scaling.enable=true", f"{ARR}.actor.grad_baselining.enable=true",
+              f"{ARR}.actor.grad_baselining.norm_by_std=true", "async_training.staleness_threshold=2",
+              "async_training.partial_rollout=true", "trainer.test_freq=0")
 
 
 @pytest.mark.slow

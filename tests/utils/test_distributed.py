@@ -1,4 +1,4 @@
-"""Gradient all-reduce and parameter broadcast on 2 gloo ranks against sums computed by hand."""
+"""Gradient and tensor all-reduce on 2 gloo ranks against sums computed by hand."""
 
 import torch
 import torch.distributed as dist
@@ -11,9 +11,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     vd.init_process_group("gloo", rank, world_size, master_port=port)
     try:
-        torch.manual_seed(100 + rank)  # different init per rank: broadcast must equalise
         module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-        vd.broadcast_module_(module, src=0)
         # rank r: grad of layer 0 weight = (r + 1), layer 1 bias has no grad on rank 1
         for i, p in enumerate(module.parameters()):
             if rank == 1 and i == 3:
@@ -23,7 +21,6 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         counts = vd.all_reduce_sum_(torch.tensor([float(rank), 1.0]))
         torch.save(
             {
-                "params": [p.detach().clone() for p in module.parameters()],
                 "grads": [p.grad.clone() for p in module.parameters()],
                 "counts": counts,
                 "rank": vd.get_rank(),
@@ -35,14 +32,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_all_reduce_and_broadcast_on_two_gloo_ranks(tmp_path):
+def test_all_reduce_sums_gradients_and_tensors_on_two_gloo_ranks(tmp_path):
     mp.spawn(_worker, args=(2, vd.find_free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert (r0["rank"], r1["rank"], r0["world"], r1["world"]) == (0, 1, 2, 2)
-    torch.manual_seed(100)
-    reference = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    for p_ref, p0, p1 in zip(reference.parameters(), r0["params"], r1["params"]):
-        assert torch.equal(p0, p_ref.detach()) and torch.equal(p1, p_ref.detach())
     for i, (g0, g1) in enumerate(zip(r0["grads"], r1["grads"])):
         expected = (1.0 + 2.0) * (i + 1) if i != 3 else 1.0 * (i + 1)  # rank 1 contributed zeros
         assert torch.equal(g0, g1) and torch.all(g0 == expected)

@@ -14,7 +14,7 @@ from verl.models.loader import load_model_and_tokenizer
 from verl.models.presets import build_tiny_model_dir
 from verl.trainer.ppo.core_algos import sequence_log_is_weight
 from verl.utils.dataset.rl_dataset import chat_prompt_ids
-from verl.workers.actor.config import ActorConfig
+from verl.workers.actor.config import PolicyUpdateConfig
 from verl.workers.actor.dp_actor import DataParallelPPOActor
 from verl.workers.rollout.base import GenerationRequest, SamplingParams
 from verl.workers.rollout.batch import trajectories_to_batch
@@ -52,7 +52,8 @@ def test_engine_log_probs_equal_actor_recompute(model_dir, temperature):
         trajectories, {"uid": [r.request_id.split("/")[0] for r in requests]}, tokenizer.pad_token_id,
         max_prompt_length=24, max_response_length=12, meta_info={"temperature": temperature},
     )
-    actor = DataParallelPPOActor(ActorConfig(ppo_mini_batch_size=12, ppo_micro_batch_size_per_gpu=5), actor_model)
+    config = PolicyUpdateConfig(ppo_mini_batch_size=12, ppo_micro_batch_size_per_gpu=5, log_prob_micro_batch_size_per_gpu=5)
+    actor = DataParallelPPOActor(config, actor_model)
     log_probs, _ = actor.compute_log_prob(batch)
     mask = batch.batch["response_mask"]
     diff = ((log_probs - batch.batch["rollout_log_probs"]) * mask).abs().max().item()

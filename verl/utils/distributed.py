@@ -21,6 +21,11 @@ def find_free_port() -> int:
         return s.getsockname()[1]
 
 
+def backend_for_device(device: str) -> str:
+    """The torch.distributed backend for tensors on ``device``: NCCL for ``cuda``, else gloo."""
+    return "nccl" if device == "cuda" else "gloo"
+
+
 def init_process_group(
     backend: str,
     rank: int,
@@ -81,15 +86,3 @@ def all_reduce_gradients_(
             numel = p.grad.numel()
             p.grad.copy_(flat[offset : offset + numel].view_as(p.grad))
             offset += numel
-
-
-def broadcast_module_(module: torch.nn.Module, src: int = 0, group: dist.ProcessGroup | None = None) -> None:
-    """Overwrite every parameter and buffer with rank ``src``'s copy (identical start on all ranks).
-
-    ``src`` is a global rank, as ``torch.distributed.broadcast`` expects.
-    """
-    if get_world_size(group) == 1:
-        return
-    with torch.no_grad():
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(tensor.data, src=src, group=group)

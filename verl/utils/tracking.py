@@ -65,6 +65,8 @@ class Tracking:
         initial_step: int = 0,
         project_name: str = "vcpo-rl",
         experiment_name: str = "run",
+        wandb_entity: str | None = None,
+        wandb_group: str | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,8 @@ class Tracking:
             # Offline unless the user has logged in or chose a mode explicitly.
             os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
             self._wandb = wandb.init(
-                project=project_name, name=experiment_name, dir=str(self.run_dir), config=config or {}
+                project=project_name, name=experiment_name, dir=str(self.run_dir), config=config or {},
+                entity=wandb_entity or None, group=wandb_group or None,
             )
         self._bar = None
         if "console" in self.loggers:

@@ -6,7 +6,6 @@ Owns the policy model, optimizer and lr schedule; ranks form one torch.distribut
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from pathlib import Path
@@ -18,8 +17,9 @@ import torch.distributed as dist
 
 from verl.models.loader import load_model_and_tokenizer
 from verl.protocol import DataProto
+from verl.utils.distributed import backend_for_device, init_process_group
 from verl.utils.weight_channel import WeightSender
-from verl.workers.actor.config import ActorConfig
+from verl.workers.actor.config import PolicyUpdateConfig
 from verl.workers.actor.dp_actor import DataParallelPPOActor, build_optimizer_and_scheduler
 
 
@@ -27,7 +27,7 @@ class ActorWorker(WeightSender):
     def __init__(
         self,
         model_path: str,
-        actor_config: ActorConfig,
+        actor_config: PolicyUpdateConfig,
         total_training_steps: int,
         rank: int = 0,
         world_size: int = 1,
@@ -41,8 +41,7 @@ class ActorWorker(WeightSender):
         torch.set_num_threads(num_threads)
         self.rank, self.world_size = rank, world_size
         if world_size > 1:
-            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
-            dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
+            init_process_group(backend_for_device(device), rank, world_size, master_addr, master_port)
         torch.manual_seed(seed)
         self.module, self.tokenizer = load_model_and_tokenizer(model_path, dtype=dtype)
         self.module.to(device)

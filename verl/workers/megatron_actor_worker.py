@@ -9,7 +9,6 @@ Megatron builds its DP x TP x CP x PP groups; every method is called on every ra
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,10 @@ import torch.distributed as dist
 
 from verl.models.loader import load_model_and_tokenizer
 from verl.protocol import DataProto
-from verl.utils.distributed import find_free_port
+from verl.utils.distributed import backend_for_device, find_free_port, init_process_group
 from verl.utils.megatron.parallel import initialize_megatron
 from verl.utils.weight_channel import WeightSender
-from verl.workers.actor.config import ActorConfig
+from verl.workers.actor.config import PolicyUpdateConfig
 from verl.workers.actor.megatron_actor import (
     MegatronPPOActor,
     build_megatron_model,
@@ -38,7 +37,7 @@ class MegatronActorWorker(WeightSender):
     def __init__(
         self,
         model_path: str,
-        actor_config: ActorConfig,
+        actor_config: PolicyUpdateConfig,
         total_training_steps: int,
         rank: int = 0,
         world_size: int = 1,
@@ -54,15 +53,14 @@ class MegatronActorWorker(WeightSender):
         if not dist.is_initialized():
             # Megatron needs a process group even for one rank.
             port = master_port or (find_free_port() if world_size == 1 else 0)
-            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(port)
-            dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size)
+            init_process_group(backend_for_device(device), rank, world_size, master_addr, port)
         if device == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         torch.manual_seed(seed)
         hf_model, self.tokenizer = load_model_and_tokenizer(model_path, dtype="float32")
         self.hf_config = hf_model.config
         parallel = actor_config.megatron
-        parallel.validate("actor.megatron", world_size, self.hf_config)
+        parallel.validate("actor_rollout_ref.actor.megatron", world_size, self.hf_config)
         self.groups = initialize_megatron(parallel, seed)
         params_dtype = getattr(torch, dtype)
         self.model = build_megatron_model(self.hf_config, parallel, self.groups, hf_model.state_dict(), params_dtype)

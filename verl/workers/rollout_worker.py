@@ -29,6 +29,7 @@ class RolloutWorker:
         rollout_config: RolloutConfig,
         max_prompt_length: int,
         reward_timeout_s: float,
+        reward_startup_timeout_s: float = 60.0,
         num_threads: int = 1,
         dtype: str = "float32",
         device: str = "cpu",
@@ -39,7 +40,7 @@ class RolloutWorker:
         model, self.tokenizer = load_model_and_tokenizer(model_path, dtype=dtype)
         model.to(device).eval()
         self.engine = build_rollout_engine(rollout_config, model, self.tokenizer)
-        self.reward = RewardManager(timeout_s=reward_timeout_s)
+        self.reward = RewardManager(timeout_s=reward_timeout_s, startup_timeout_s=reward_startup_timeout_s)
 
     def _sampling(self, mode: str) -> tuple[SamplingParams, int]:
         eos = self.tokenizer.eos_token_id
@@ -47,10 +48,9 @@ class RolloutWorker:
         if mode == "train":
             return self.config.sampling_params(stops), self.config.n
         if mode == "greedy":
-            return self.config.val_sampling_params(mean_at_n=False, stop_token_ids=stops), self.config.val_kwargs.n
+            return self.config.val_sampling_params(sampled=False, stop_token_ids=stops), 1
         if mode == "mean_at_n":
-            return self.config.val_sampling_params(mean_at_n=True, stop_token_ids=stops), \
-                self.config.val_kwargs.mean_at_n_samples
+            return self.config.val_sampling_params(sampled=True, stop_token_ids=stops), self.config.val_kwargs.n
         raise ValueError(f"unknown sampling mode {mode!r}: expected 'train', 'greedy' or 'mean_at_n'")
 
     def make_requests(self, prompts: DataProto, mode: str = "train",

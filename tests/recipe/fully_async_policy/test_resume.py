@@ -17,16 +17,24 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.recipe.fully_async_policy.test_recipes import _clean_env, _short_run_overrides
+from tests.trainer.fully_async.conftest import small_overrides
 from verl.utils.tracking import read_metrics
 
 STEPS, GROUPS_PER_STEP, N = 8, 4, 4
 
 
 def _command(assets, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "verl.trainer.main_ppo", *_short_run_overrides(assets, run_dir, STEPS),
-            "async_training.k=2", "async_training.partial_rollout=true", "trainer.save_freq=1",
-            "async_training.test_train_delay_max_s=0.4", "trainer.val_before_train=false"]
+    return [sys.executable, "-m", "verl.trainer.main_ppo", *small_overrides(
+        assets, run_dir, f"trainer.total_training_steps={STEPS}", f"trainer.cache_dir={run_dir / 'cache'}",
+        "async_training.staleness_threshold=2", "async_training.partial_rollout=true", "trainer.save_freq=1",
+        "async_training.test_train_delay_max_s=0.4")]
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment a user runs the entry point in: no PYTHONPATH, one thread per op."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    return env
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:

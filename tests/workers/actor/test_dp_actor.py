@@ -13,7 +13,7 @@ from verl.protocol import DataProto
 from verl.trainer.ppo.core_algos import LOSS_AGG_MODES
 from verl.utils import distributed as vd
 from verl.utils.config import ConfigError
-from verl.workers.actor.config import ActorConfig, OptimConfig, PolicyLossConfig
+from verl.workers.actor.config import OptimConfig, PolicyLossSpec, PolicyUpdateConfig
 from verl.workers.actor.dp_actor import (
     DataParallelPPOActor,
     build_optimizer_and_scheduler,
@@ -86,15 +86,15 @@ class RecordingSGD(torch.optim.SGD):
 
 def make_actor(model, mini=7, micro=7, lr=0.1, grad_clip=1e9, **overrides) -> DataParallelPPOActor:
     """SGD actor; bypass loss with sequence TIS (cap 1.2, so some weights are truncated) by default."""
-    default_loss = PolicyLossConfig(mode="bypass", tis_level="sequence", tis_cap=1.2)
-    config = ActorConfig(
+    default_loss = PolicyLossSpec(mode="bypass", tis_level="sequence", tis_cap=1.2)
+    config = PolicyUpdateConfig(
         ppo_mini_batch_size=mini,
         ppo_micro_batch_size_per_gpu=micro,
+        log_prob_micro_batch_size_per_gpu=micro,
         grad_clip=grad_clip,
         policy_loss=overrides.pop("policy_loss", default_loss),
         **overrides,
     )
-    config.validate("actor")
     return DataParallelPPOActor(config, model, RecordingSGD(model.parameters(), lr=lr))
 
 
@@ -175,7 +175,7 @@ def test_micro_batch_accumulation_equals_one_big_batch(agg_mode):
     grads = {}
     for micro in (7, 2):
         actor = make_actor(make_model(), micro=micro, loss_agg_mode=agg_mode, entropy_coeff=0.01,
-                           policy_loss=PolicyLossConfig(mode="ppo_clip", tis_level="token", tis_cap=1.2))
+                           policy_loss=PolicyLossSpec(mode="ppo_clip", tis_level="token", tis_cap=1.2))
         metrics = actor.update_policy(data)
         grads[micro] = actor.optimizer.recorded
     for big, small in zip(grads[7], grads[2]):
@@ -188,7 +188,7 @@ def test_step_optimizer_scales_lr_for_one_step_and_clips():
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, 2.0]]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    actor = DataParallelPPOActor(ActorConfig(grad_clip=1.0), model, optimizer)
+    actor = DataParallelPPOActor(PolicyUpdateConfig(grad_clip=1.0), model, optimizer)
     model.weight.grad = torch.tensor([[6.0, 8.0]])  # norm 10 -> clipped to norm 1
     grad_norm, lr = actor.step_optimizer(lr_scale=0.25)
     assert grad_norm == pytest.approx(10.0) and lr == pytest.approx(0.025)
@@ -257,7 +257,7 @@ def test_lr_schedule_factor_matches_formulas():
 
 def test_build_optimizer_and_scheduler_steps_the_schedule():
     model = torch.nn.Linear(2, 2)
-    optim_config = OptimConfig(lr=1e-2, lr_scheduler="cosine", lr_warmup_steps=1, weight_decay=0.1)
+    optim_config = OptimConfig(lr=1e-2, lr_decay_style="cosine", lr_warmup_steps=1, weight_decay=0.1)
     optimizer, scheduler = build_optimizer_and_scheduler(model, optim_config, total_steps=5)
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.1
     lrs = []
@@ -267,7 +267,17 @@ def test_build_optimizer_and_scheduler_steps_the_schedule():
         scheduler.step()
     expected = [1e-2 * lr_schedule_factor(s, "cosine", 1, 5, 0.0) for s in range(6)]
     assert lrs == pytest.approx(expected) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
-    with pytest.raises(ConfigError, match="total_training_steps"):
+    # lr_decay_steps, when set, is the decay length whatever the run's steps.
+    fixed = OptimConfig(lr=1e-2, lr_decay_style="cosine", lr_warmup_steps=1, lr_decay_steps=3)
+    optimizer, scheduler = build_optimizer_and_scheduler(model, fixed, total_steps=100)
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1e-2 * lr_schedule_factor(s, "cosine", 1, 3, 0.0) for s in range(4)])
+    # A decaying schedule with no length from either source is a config error.
+    with pytest.raises(ConfigError, match="lr_decay_steps"):
         build_optimizer_and_scheduler(model, optim_config)
 
 

@@ -17,7 +17,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from verl.protocol import DataProto
 from verl.utils import distributed as vd
 from verl.utils.config import ConfigError
-from verl.workers.actor.config import ActorConfig, PolicyLossConfig
+from verl.workers.actor.config import PolicyLossSpec, PolicyUpdateConfig
 from verl.workers.actor.dp_actor import DataParallelPPOActor
 from verl.workers.utils.vcpo import ESSScalingConfig, GradBaseliningConfig
 
@@ -123,14 +123,14 @@ def independent_update(data: DataProto, ess_on: bool, scope: str | None, grad_cl
 
 def vcpo_actor(model, ess_on: bool, scope: str | None, method: str = "batched", grad_clip: float = 1.0,
                mini: int = N, micro: int = 3, **ess_kwargs) -> DataParallelPPOActor:
-    config = ActorConfig(
-        ppo_mini_batch_size=mini, ppo_micro_batch_size_per_gpu=micro, grad_clip=grad_clip,
-        policy_loss=PolicyLossConfig(mode="bypass", tis_level="sequence", tis_cap=CAP),
+    config = PolicyUpdateConfig(
+        ppo_mini_batch_size=mini, ppo_micro_batch_size_per_gpu=micro, log_prob_micro_batch_size_per_gpu=micro,
+        grad_clip=grad_clip, grad_norm_method=method,
+        policy_loss=PolicyLossSpec(mode="bypass", tis_level="sequence", tis_cap=CAP),
         ess_scaling=ESSScalingConfig(enable=ess_on, **ess_kwargs),
-        grad_baselining=GradBaseliningConfig(enable=scope is not None, scope=scope or "group",
-                                             grad_norm_method=method),
+        grad_baselining=GradBaseliningConfig(enable=scope is not None, scope=scope or "group"),
     )
-    config.validate("actor")
+    config.check_grad_baselining("actor_rollout_ref.actor.grad_baselining.enable")
     return DataParallelPPOActor(config, model, torch.optim.SGD(model.parameters(), lr=LR))
 
 
@@ -194,10 +194,9 @@ def test_nonfinite_ess_with_min_lr_rule_trains_at_the_minimum_lr_never_full():
     data = make_batch()
     data.batch["rollout_log_probs"][5, 0] = float("nan")
     model = make_model()
-    config = ActorConfig(ppo_mini_batch_size=N, ppo_micro_batch_size_per_gpu=N, grad_clip=1e9,
-                         policy_loss=PolicyLossConfig(mode="bypass", tis_level="none"),
-                         ess_scaling=ESSScalingConfig(enable=True, nonfinite_rule="min_lr"))
-    config.validate("actor")
+    config = PolicyUpdateConfig(ppo_mini_batch_size=N, ppo_micro_batch_size_per_gpu=N, grad_clip=1e9,
+                                policy_loss=PolicyLossSpec(mode="bypass", tis_level="none"),
+                                ess_scaling=ESSScalingConfig(enable=True, nonfinite_rule="min_lr"))
     actor = DataParallelPPOActor(config, model, torch.optim.SGD(model.parameters(), lr=LR))
     metrics = actor.update_policy(data)
     assert metrics["actor/lr"] == pytest.approx(LR * math.sqrt(1 / N))
@@ -217,7 +216,7 @@ def test_infinite_log_weight_gives_the_one_dominating_trajectory_limit():
 def test_group_split_across_mini_batches_is_refused():
     data = make_batch()
     data.non_tensor_batch["uid"] = np.array(["a", "b"] * 4, dtype=object)
-    with pytest.raises(ConfigError, match="grad_baselining.scope") as info:
+    with pytest.raises(ConfigError, match="actor_rollout_ref.actor.grad_baselining.scope") as info:
         vcpo_actor(make_model(), False, "group", mini=4, micro=4).update_policy(data)
     assert "scope=minibatch" in str(info.value)
     # the same batch trains in minibatch scope
@@ -276,4 +275,4 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         assert single["actor/ess_ratio"] == pytest.approx(expected["ess_ratio"], rel=1e-5)
         assert_update(model, expected)
     for out in ranks:
-        assert "actor.grad_baselining.scope" in out["split_error"] and "split" in out["split_error"]
+        assert "actor_rollout_ref.actor.grad_baselining.scope" in out["split_error"] and "split" in out["split_error"]

@@ -19,7 +19,9 @@ import torch
 from tests.megatron_launch import run_ranks
 from verl.models.presets import build_tiny_model_dir
 from verl.protocol import DataProto
-from verl.workers.actor.config import ActorConfig, OptimConfig, PolicyLossConfig
+from verl.trainer.config import load_config
+from verl.utils.config import ConfigError
+from verl.workers.actor.config import OptimConfig, PolicyLossSpec, PolicyUpdateConfig
 from verl.workers.utils.vcpo import ESSScalingConfig, GradBaseliningConfig
 
 torch.set_num_threads(1)
@@ -34,10 +36,11 @@ def model_dir(tmp_path_factory) -> str:
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def vcpo_config(**overrides) -> ActorConfig:
-    config = ActorConfig(
-        strategy="megatron", ppo_mini_batch_size=N, ppo_micro_batch_size_per_gpu=2, grad_clip=CLIP,
-        policy_loss=PolicyLossConfig(mode="bypass", tis_level="sequence", tis_cap=CAP),
+def vcpo_config(**overrides) -> PolicyUpdateConfig:
+    config = PolicyUpdateConfig(
+        strategy="megatron", ppo_mini_batch_size=N, ppo_micro_batch_size_per_gpu=2,
+        log_prob_micro_batch_size_per_gpu=2, grad_clip=CLIP,
+        policy_loss=PolicyLossSpec(mode="bypass", tis_level="sequence", tis_cap=CAP),
         optim=OptimConfig(lr=LR),
         ess_scaling=ESSScalingConfig(enable=True),
         grad_baselining=GradBaseliningConfig(enable=True, scope="group", norm_by_std=True),
@@ -86,7 +89,7 @@ def shard(data: DataProto, rank: int, size: int) -> DataProto:
     return data.chunk(size)[rank]
 
 
-def _megatron_rank(rank: int, world_size: int, model_dir: str, data: DataProto, config: ActorConfig) -> dict:
+def _megatron_rank(rank: int, world_size: int, model_dir: str, data: DataProto, config: PolicyUpdateConfig) -> dict:
     from verl.models.loader import load_model_and_tokenizer
     from verl.utils.megatron.parallel import destroy_megatron, initialize_megatron
     from verl.workers.actor.megatron_actor import (
@@ -116,7 +119,7 @@ def _megatron_rank(rank: int, world_size: int, model_dir: str, data: DataProto, 
             "weights": weights, "skipped": skipped, "weights_after_skip": weights_after_skip}
 
 
-def _torch_reference(model_dir: str, data: DataProto, config: ActorConfig) -> dict:
+def _torch_reference(model_dir: str, data: DataProto, config: PolicyUpdateConfig) -> dict:
     from verl.models.loader import load_model_and_tokenizer
     from verl.workers.actor.dp_actor import DataParallelPPOActor
 
@@ -137,21 +140,21 @@ LAYOUTS = {
 }
 
 
-def layout_config(name: str) -> ActorConfig:
+def layout_config(name: str) -> PolicyUpdateConfig:
     parallel, method, _ = LAYOUTS[name]
-    config = vcpo_config(grad_baselining=GradBaseliningConfig(enable=True, scope="group", norm_by_std=True,
-                                                              grad_norm_method=method))
+    config = vcpo_config(grad_norm_method=method)
     for key, value in parallel.items():
         setattr(config.megatron, key, value)
     return config
 
 
-def worker_config() -> ActorConfig:
+def worker_config() -> PolicyUpdateConfig:
     """TP=2 x DP=2 with the distributed optimizer (sharded Adam state), AdamW + weight decay, warmup + cosine lr."""
-    config = ActorConfig(
+    config = PolicyUpdateConfig(
         strategy="megatron", ppo_mini_batch_size=N, ppo_micro_batch_size_per_gpu=2,
-        policy_loss=PolicyLossConfig(mode="bypass", tis_level="sequence", tis_cap=CAP),
-        optim=OptimConfig(lr=1e-3, weight_decay=0.1, lr_scheduler="cosine", lr_warmup_steps=1, min_lr_ratio=0.1),
+        log_prob_micro_batch_size_per_gpu=2,
+        policy_loss=PolicyLossSpec(mode="bypass", tis_level="sequence", tis_cap=CAP),
+        optim=OptimConfig(lr=1e-3, weight_decay=0.1, lr_decay_style="cosine", lr_warmup_steps=1, min_lr_ratio=0.1),
         ess_scaling=ESSScalingConfig(enable=True),
     )
     config.megatron.tensor_model_parallel_size = 2
@@ -233,7 +236,7 @@ def test_nonfinite_ess_skips_the_step_on_every_rank(runs):
 
 
 def _worker_round_trip(rank: int, world_size: int, model_dir: str, checkpoint_dir: str, export_dir: str,
-                       batches: list[DataProto], config: ActorConfig) -> dict:
+                       batches: list[DataProto], config: PolicyUpdateConfig) -> dict:
     from verl.utils.megatron.parallel import destroy_megatron
     from verl.workers.megatron_actor_worker import MegatronActorWorker
 
@@ -278,15 +281,11 @@ def test_worker_checkpoint_round_trip_gives_the_same_next_update(runs):
 
 
 def test_megatron_section_is_validated_only_for_the_megatron_strategy():
-    from verl.utils.config import ConfigError
-
-    config = ActorConfig(strategy="torch")
-    config.megatron.sequence_parallel = True  # needs TP > 1, but the torch actor ignores the section
-    config.validate("actor")
-    config.strategy = "megatron"
+    sequence_parallel = "actor_rollout_ref.actor.megatron.sequence_parallel=true"  # needs TP > 1
+    load_config(["actor_rollout_ref.actor.strategy=torch", sequence_parallel])  # the torch actor ignores it
     with pytest.raises(ConfigError) as err:
-        config.validate("actor")
-    assert err.value.key == "actor.megatron.sequence_parallel"
+        load_config(["actor_rollout_ref.actor.strategy=megatron", sequence_parallel])
+    assert err.value.key == "actor_rollout_ref.actor.megatron.sequence_parallel"
 
 
 def test_scheduled_lr_follows_the_torch_actors_schedule():
@@ -294,7 +293,7 @@ def test_scheduled_lr_follows_the_torch_actors_schedule():
     from verl.workers.actor.dp_actor import build_optimizer_and_scheduler
     from verl.workers.actor.megatron_actor import ScheduledLR
 
-    optim = OptimConfig(lr=2e-3, lr_scheduler="cosine", lr_warmup_steps=2, min_lr_ratio=0.1)
+    optim = OptimConfig(lr=2e-3, lr_decay_style="cosine", lr_warmup_steps=2, min_lr_ratio=0.1)
     torch_optimizer, torch_schedule = build_optimizer_and_scheduler(torch.nn.Linear(2, 2), optim, total_steps=7)
     other = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
     schedule = ScheduledLR(other, optim, total_steps=7)

@@ -8,9 +8,10 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from verl.protocol import DataProto
+from verl.trainer.config import load_config
 from verl.trainer.ppo import core_algos as ca
 from verl.utils.config import ConfigError
-from verl.workers.actor.config import ActorConfig, PolicyLossConfig
+from verl.workers.actor.config import PolicyLossSpec, PolicyUpdateConfig
 from verl.workers.actor.dp_actor import DataParallelPPOActor
 from verl.workers.actor.policy_loss import actor_policy_loss, prepare_minibatch, required_batch_keys
 from verl.workers.utils.vcpo import ESSScalingConfig, GradBaseliningConfig
@@ -18,61 +19,75 @@ from verl.workers.utils.vcpo import ESSScalingConfig, GradBaseliningConfig
 torch.set_num_threads(1)
 
 FORWARD = ("input_ids", "attention_mask", "position_ids", "responses")
-VCPO_LOSS = PolicyLossConfig(mode="bypass", tis_level="sequence")
 
 
 # ------------------------------------------------------------------ batch keys
 
 
+def _update(mode="bypass", recompute=None, **overrides) -> PolicyUpdateConfig:
+    """The resolved actor config; ``recompute`` defaults to what the trainer derives (all but bypass)."""
+    loss = {k: overrides.pop(k) for k in list(overrides) if k in PolicyLossSpec.__dataclass_fields__}
+    recompute = mode != "bypass" if recompute is None else recompute
+    return PolicyUpdateConfig(policy_loss=PolicyLossSpec(mode=mode, **loss), recompute_old_log_prob=recompute,
+                              **overrides)
+
+
 @pytest.mark.parametrize("config,extra", [
-    (ActorConfig(policy_loss=PolicyLossConfig(mode="ppo_clip")), ["rollout_log_probs"]),
-    (ActorConfig(policy_loss=PolicyLossConfig(mode="ppo_clip"), recompute_old_log_prob=True), ["old_log_probs"]),
-    (ActorConfig(policy_loss=PolicyLossConfig(mode="bypass")), []),
-    (ActorConfig(policy_loss=PolicyLossConfig(mode="decoupled_ppo"), recompute_old_log_prob=True),
-     ["old_log_probs", "rollout_log_probs"]),
-    (ActorConfig(policy_loss=PolicyLossConfig(mode="gspo"), recompute_old_log_prob=True), ["old_log_probs"]),
-    (ActorConfig(policy_loss=PolicyLossConfig(mode="bypass", rejection_level="geometric")), ["rollout_log_probs"]),
-    (ActorConfig(policy_loss=PolicyLossConfig(mode="bypass", m2po=True), recompute_old_log_prob=True),
-     ["old_log_probs", "rollout_log_probs"]),
-    (ActorConfig(policy_loss=VCPO_LOSS, grad_baselining=GradBaseliningConfig(enable=True)),
+    # ppo_clip against the rollout log-probs is no longer a config (without bypass the old log-probs
+    # are always recomputed), but the actor still anchors correctly when handed it.
+    (_update("ppo_clip", recompute=False), ["rollout_log_probs"]),
+    (_update("ppo_clip"), ["old_log_probs"]),
+    (_update("bypass"), []),
+    (_update("decoupled_ppo"), ["old_log_probs", "rollout_log_probs"]),
+    (_update("gspo"), ["old_log_probs"]),
+    (_update("bypass", rejection_level="geometric"), ["rollout_log_probs"]),
+    (_update("bypass", recompute=True, m2po=True), ["old_log_probs", "rollout_log_probs"]),
+    (_update("bypass", tis_level="sequence", grad_baselining=GradBaseliningConfig(enable=True)),
      ["rollout_log_probs", "token_level_rewards"]),
-    (ActorConfig(policy_loss=PolicyLossConfig(mode="bypass"), ess_scaling=ESSScalingConfig(enable=True)),
-     ["rollout_log_probs"]),
+    (_update("bypass", ess_scaling=ESSScalingConfig(enable=True)), ["rollout_log_probs"]),
 ])
 def test_required_batch_keys_per_config(config, extra):
     assert required_batch_keys(config) == (*FORWARD, "response_mask", "advantages", *extra)
 
 
-# ------------------------------------------------------------------ config validation
+# ------------------------------------------------------------------ config validation (keys -> loss: test_actor_config.py)
 
 
-@pytest.mark.parametrize("config,key,mentions", [
-    (ActorConfig(policy_loss=PolicyLossConfig(mode="decoupled_ppo")), "actor.policy_loss.mode",
-     "actor.recompute_old_log_prob=true"),
-    (ActorConfig(policy_loss=PolicyLossConfig(rejection_level="segment")), "actor.policy_loss.rejection_level", ""),
-    (ActorConfig(policy_loss=PolicyLossConfig(rejection_low=1.5)), "actor.policy_loss.rejection_low", ""),
-    (ActorConfig(policy_loss=PolicyLossConfig(rejection_high=0.9)), "actor.policy_loss.rejection_high", ""),
-    (ActorConfig(policy_loss=PolicyLossConfig(m2po_threshold=0.0)), "actor.policy_loss.m2po_threshold", ""),
-    (ActorConfig(policy_loss=PolicyLossConfig(mode="bypass", tis_level="sequence", rejection_level="token"),
-                 grad_baselining=GradBaseliningConfig(enable=True)),
-     "actor.grad_baselining.enable", "actor.policy_loss.rejection_level='none'"),
-    (ActorConfig(policy_loss=PolicyLossConfig(mode="bypass", tis_level="sequence", m2po=True),
-                 grad_baselining=GradBaseliningConfig(enable=True)),
-     "actor.grad_baselining.enable", "actor.policy_loss.m2po=False"),
+RC = "algorithm.rollout_correction"
+SKIP = "async_training.skip_recompute_old_log_prob"
+
+
+@pytest.mark.parametrize("overrides,key,mentions", [
+    # Bypass has no ratio for GSPO to shape.
+    ([f"{SKIP}=true", "actor_rollout_ref.actor.policy_loss.loss_mode=gspo"],
+     "actor_rollout_ref.actor.policy_loss.loss_mode", "skip_recompute_old_log_prob=true"),
+    (["actor_rollout_ref.actor.policy_loss.loss_mode=reinforce"], "actor_rollout_ref.actor.policy_loss.loss_mode",
+     "vanilla"),
+    ([f"{RC}.rollout_rs=segment"], f"{RC}.rollout_rs", "geometric"),
+    ([f"{RC}.rollout_rs=token", f"{RC}.rollout_rs_threshold_lower=1.5"], f"{RC}.rollout_rs_threshold_lower",
+     "<= 1"),
+    ([f"{RC}.rollout_rs=token", f"{RC}.rollout_rs_threshold=0.9"], f"{RC}.rollout_rs_threshold", ">= 1"),
+    ([f"{RC}.rollout_rs=m2po", f"{RC}.rollout_rs_threshold=0.0"], f"{RC}.rollout_rs_threshold", "greater than 0"),
+    (["method=vcpo", f"{RC}.rollout_rs=token"], "actor_rollout_ref.actor.grad_baselining.enable",
+     "algorithm.rollout_correction.rollout_rs='none'"),
+    (["method=vcpo", f"{RC}.rollout_rs=m2po"], "actor_rollout_ref.actor.grad_baselining.enable",
+     "(got 'm2po')"),
 ])
-def test_invalid_loss_configs_name_their_keys(config, key, mentions):
+def test_invalid_loss_configs_name_their_keys(overrides, key, mentions):
     with pytest.raises(ConfigError) as info:
-        config.validate("actor")
+        load_config(overrides)
     assert info.value.key == key and mentions in str(info.value)
 
 
 def test_new_modes_validate():
-    ActorConfig(policy_loss=PolicyLossConfig(mode="decoupled_ppo", tis_level="token"),
-                recompute_old_log_prob=True).validate("actor")
-    ActorConfig(policy_loss=PolicyLossConfig(mode="gspo", clip_ratio_low=3e-4, clip_ratio_high=4e-4,
-                                             clip_ratio_c=None)).validate("actor")
-    ActorConfig(policy_loss=PolicyLossConfig(mode="bypass", tis_level="token", m2po=True,
-                                             rejection_level="sequence", rejection_low=0.0)).validate("actor")
+    load_config([f"{SKIP}=false", f"{RC}.rollout_is=token"])
+    gspo = load_config([f"{SKIP}=false", "actor_rollout_ref.actor.policy_loss.loss_mode=gspo",
+                        "actor_rollout_ref.actor.clip_ratio_low=3e-4", "actor_rollout_ref.actor.clip_ratio_high=4e-4",
+                        "actor_rollout_ref.actor.clip_ratio_c=null"]).policy_loss_spec()
+    assert (gspo.clip_ratio_low, gspo.clip_ratio_high, gspo.clip_ratio_c) == (3e-4, 4e-4, None)
+    # The M2PO method: token TIS plus the second-moment mask (rollout_rs picks one mask kind).
+    m2po = load_config(["method=m2po"]).policy_loss_spec()
+    assert (m2po.mode, m2po.tis_level, m2po.m2po) == ("bypass", "token", True)
 
 
 # ------------------------------------------------------------------ anchors per mode
@@ -97,9 +112,9 @@ def _micro(seed=0, b=3, r=4):
 ])
 def test_actor_policy_loss_anchors_each_mode(mode, recompute, anchor):
     micro, logp = _micro()
-    config = ActorConfig(policy_loss=PolicyLossConfig(mode=mode, tis_level="token", rejection_level="token",
-                                                      rejection_low=0.6, rejection_high=1.5),
-                         recompute_old_log_prob=recompute, loss_agg_mode="token-mean")
+    config = PolicyUpdateConfig(policy_loss=PolicyLossSpec(mode=mode, tis_level="token", rejection_level="token",
+                                                           rejection_low=0.6, rejection_high=1.5),
+                                recompute_old_log_prob=recompute, loss_agg_mode="token-mean")
     loss, metrics = actor_policy_loss(config, micro, logp, torch.tensor(10.0), torch.tensor(3.0))
     expected, _ = ca.compute_policy_loss(
         logp, None if anchor is None else micro[anchor], micro["advantages"], micro["response_mask"],
@@ -113,7 +128,7 @@ def test_actor_policy_loss_anchors_each_mode(mode, recompute, anchor):
 def test_m2po_fallback_on_whole_minibatch_equals_prepare_minibatch():
     micro, logp = _micro(seed=2)
     micro["rollout_log_probs"] = micro["rollout_log_probs"] - 0.6 * micro["response_mask"]  # some d^2 > 0.04
-    config = ActorConfig(policy_loss=PolicyLossConfig(mode="bypass", m2po=True))
+    config = PolicyUpdateConfig(policy_loss=PolicyLossSpec(mode="bypass", m2po=True))
     calls = []
     masks, mask_metrics = prepare_minibatch(config, micro, lambda: calls.append(1) or logp.detach())
     assert calls == [1] and 0 < mask_metrics["m2po_masked_frac"].item() < 1
@@ -121,7 +136,7 @@ def test_m2po_fallback_on_whole_minibatch_equals_prepare_minibatch():
     fallback, metrics = actor_policy_loss(config, micro, logp, torch.tensor(10.0), torch.tensor(3.0))
     assert with_mask.item() == fallback.item()
     assert metrics["m2po_m2_after"].item() <= 0.04 < metrics["m2po_m2_before"].item()
-    recompute = ActorConfig(policy_loss=PolicyLossConfig(mode="bypass", m2po=True), recompute_old_log_prob=True)
+    recompute = PolicyUpdateConfig(policy_loss=PolicyLossSpec(mode="bypass", m2po=True), recompute_old_log_prob=True)
     prepare_minibatch(recompute, micro, lambda: calls.append(2) or logp.detach())
     assert calls == [1]  # the old log-probs stand in for pi: no forward
 
@@ -170,9 +185,9 @@ class _RecordingSGD(torch.optim.SGD):
 
 
 def _actor(model, policy_loss, micro=2, **overrides) -> DataParallelPPOActor:
-    config = ActorConfig(ppo_mini_batch_size=6, ppo_micro_batch_size_per_gpu=micro, grad_clip=1e9,
-                         policy_loss=policy_loss, **overrides)
-    config.validate("actor")
+    config = PolicyUpdateConfig(ppo_mini_batch_size=6, ppo_micro_batch_size_per_gpu=micro,
+                                log_prob_micro_batch_size_per_gpu=micro, grad_clip=1e9,
+                                policy_loss=policy_loss, **overrides)
     return DataParallelPPOActor(config, model, _RecordingSGD(model.parameters(), lr=0.1))
 
 
@@ -182,7 +197,7 @@ def test_dp_actor_m2po_gradient_uses_the_minibatch_mask():
     data = _batch()
     model = _model()
     reference = copy.deepcopy(model)
-    actor = _actor(model, PolicyLossConfig(mode="bypass", m2po=True))
+    actor = _actor(model, PolicyLossSpec(mode="bypass", m2po=True))
     metrics = actor.update_policy(data)
 
     b = data.batch
@@ -203,10 +218,10 @@ def test_dp_actor_m2po_gradient_uses_the_minibatch_mask():
 
 
 @pytest.mark.parametrize("policy_loss,recompute,names", [
-    (PolicyLossConfig(mode="bypass", tis_level="sequence", rejection_level="geometric",
-                      rejection_low=0.7, rejection_high=1.4), False, ["actor/rejected_frac"]),
-    (PolicyLossConfig(mode="gspo", clip_ratio_low=3e-4, clip_ratio_high=4e-4), False, ["actor/gspo_clipfrac"]),
-    (PolicyLossConfig(mode="decoupled_ppo", tis_level="token"), True, ["actor/pg_clipfrac"]),
+    (PolicyLossSpec(mode="bypass", tis_level="sequence", rejection_level="geometric",
+                    rejection_low=0.7, rejection_high=1.4), False, ["actor/rejected_frac"]),
+    (PolicyLossSpec(mode="gspo", clip_ratio_low=3e-4, clip_ratio_high=4e-4), False, ["actor/gspo_clipfrac"]),
+    (PolicyLossSpec(mode="decoupled_ppo", tis_level="token"), True, ["actor/pg_clipfrac"]),
 ])
 def test_dp_actor_logs_the_collapse_diagnostics(policy_loss, recompute, names):
     """Every mode trains (parameters move, loss finite) and logs its mask/clip fraction in [0, 1]
@@ -214,7 +229,7 @@ def test_dp_actor_logs_the_collapse_diagnostics(policy_loss, recompute, names):
     data = _batch()
     model = _model()
     if recompute:
-        data.batch["old_log_probs"] = _actor(model, PolicyLossConfig()).compute_log_prob(data)[0]
+        data.batch["old_log_probs"] = _actor(model, PolicyLossSpec()).compute_log_prob(data)[0]
     before = [p.detach().clone() for p in model.parameters()]
     metrics = _actor(model, policy_loss, recompute_old_log_prob=recompute).update_policy(data)
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))

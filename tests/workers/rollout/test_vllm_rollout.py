@@ -14,12 +14,13 @@ import time
 import pytest
 import torch
 import transformers
-from omegaconf import OmegaConf
 
 from verl.models.presets import build_tiny_model_dir
+from verl.trainer.config import load_config
 from verl.utils.config import ConfigError
-from verl.workers.rollout import RolloutConfig, VLLMConfig, build_rollout_engine
+from verl.workers.rollout import RolloutConfig, build_rollout_engine
 from verl.workers.rollout.base import GenerationRequest, SamplingParams, Trajectory
+from verl.workers.rollout.config import EngineKwargs, VLLMEngineKwargs
 from verl.workers.rollout.torch_engine import TorchRolloutEngine
 from verl.workers.rollout.vllm_rollout import (
     VLLMUnavailableError,
@@ -52,8 +53,8 @@ def hf(model_dir):
 def engine(model_dir, hf):
     from verl.workers.rollout.vllm_rollout import VLLMRolloutEngine
 
-    config = RolloutConfig(name="vllm", max_seq_len=MAX_SEQ_LEN, max_batch_size=8, max_new_tokens=16,
-                           vllm=VLLMConfig(kv_cache_space_gib=1))
+    config = RolloutConfig(name="vllm", prompt_length=32, response_length=16, max_model_len=MAX_SEQ_LEN,
+                           max_num_seqs=8, engine_kwargs=EngineKwargs(VLLMEngineKwargs(kv_cache_space_gib=1)))
     # eos off: every request runs to its length limit unless it names its own stop tokens.
     engine = VLLMRolloutEngine(model_dir, hf[1], config, seed=0, default_stop_token_ids=())
     yield engine
@@ -256,8 +257,9 @@ def test_raw_logprobs_mode_reports_the_full_vocabulary_value_under_truncation(mo
     from verl.workers.rollout.vllm_rollout import VLLMRolloutEngine
 
     model, tokenizer = hf
-    config = RolloutConfig(name="vllm", max_seq_len=64, max_batch_size=2, max_new_tokens=12,
-                           vllm=VLLMConfig(logprobs_mode="raw_logprobs", kv_cache_space_gib=1))
+    config = RolloutConfig(name="vllm", prompt_length=32, response_length=12, max_model_len=64, max_num_seqs=2,
+                           engine_kwargs=EngineKwargs(VLLMEngineKwargs(logprobs_mode="raw_logprobs",
+                                                                       kv_cache_space_gib=1)))
     raw_engine = VLLMRolloutEngine(model_dir, tokenizer, config, seed=0, default_stop_token_ids=())
     try:
         prompts = chat_prompts(tokenizer, ["4,5:20=", "7,3:21="])
@@ -274,20 +276,35 @@ def test_raw_logprobs_mode_reports_the_full_vocabulary_value_under_truncation(mo
         assert bool((top5 == tokens).any(dim=-1).all())  # sampled inside the truncated set
 
 
-def test_vllm_config_rejects_bad_values_with_the_key():
-    with pytest.raises(ConfigError, match=r"rollout\.vllm\.logprobs_mode"):
-        RolloutConfig(vllm=VLLMConfig(logprobs_mode="processed_logits")).validate("rollout")
-    with pytest.raises(ConfigError, match=r"rollout\.vllm\.in_process"):
-        RolloutConfig(vllm=VLLMConfig(tensor_parallel_size=2)).validate("rollout")
-    with pytest.raises(ConfigError, match=r"rollout\.vllm\.dtype"):
-        RolloutConfig(vllm=VLLMConfig(dtype="fp8")).validate("rollout")
-    RolloutConfig(name="vllm", vllm=VLLMConfig(tensor_parallel_size=2, in_process=False)).validate("rollout")
-    merged = OmegaConf.merge(OmegaConf.structured(RolloutConfig), OmegaConf.from_dotlist(
-        ["name=vllm", "vllm.kv_cache_space_gib=3", "vllm.logprobs_mode=raw_logprobs", "vllm.dtype=bfloat16"]))
-    config = OmegaConf.to_object(merged)
-    config.validate("rollout")
-    assert (config.vllm.kv_cache_space_gib, config.vllm.logprobs_mode, config.vllm.dtype) == (
-        3, "raw_logprobs", "bfloat16")
+ROLLOUT = "actor_rollout_ref.rollout"
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ([f"{ROLLOUT}.engine_kwargs.vllm.logprobs_mode=processed_logits"], f"{ROLLOUT}.engine_kwargs.vllm.logprobs_mode"),
+    ([f"{ROLLOUT}.tensor_model_parallel_size=2", f"{ROLLOUT}.engine_kwargs.vllm.in_process=true",
+      "rollout.n_gpus_per_node=2"], f"{ROLLOUT}.engine_kwargs.vllm.in_process"),
+    ([f"{ROLLOUT}.dtype=fp8"], f"{ROLLOUT}.dtype"),
+    # Replicas = rollout GPUs / tensor-parallel size must be whole.
+    ([f"{ROLLOUT}.tensor_model_parallel_size=2"], "rollout.n_gpus_per_node"),
+])
+def test_vllm_config_rejects_bad_values_with_the_key(overrides, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides)
+    assert error.value.key == key
+
+
+def test_vllm_config_keys_reach_the_engine_settings():
+    # in_process null follows the tensor-parallel size: tensor-parallel workers are separate processes.
+    assert RolloutConfig(name="vllm").vllm_in_process
+    tp2 = RolloutConfig(name="vllm", tensor_model_parallel_size=2)
+    tp2.validate(ROLLOUT)
+    assert not tp2.vllm_in_process
+    config = load_config([f"{ROLLOUT}.name=vllm", f"{ROLLOUT}.engine_kwargs.vllm.kv_cache_space_gib=3",
+                          f"{ROLLOUT}.engine_kwargs.vllm.logprobs_mode=raw_logprobs", f"{ROLLOUT}.dtype=bfloat16",
+                          f"{ROLLOUT}.tensor_model_parallel_size=2", "rollout.n_gpus_per_node=4"]).rollout_cfg
+    vllm = config.engine_kwargs.vllm
+    assert (vllm.kv_cache_space_gib, vllm.logprobs_mode, config.dtype) == (3, "raw_logprobs", "bfloat16")
+    assert not config.vllm_in_process
 
 
 def test_missing_or_broken_vllm_names_the_package_to_install(monkeypatch):
@@ -352,7 +369,7 @@ def test_head_dim_unsupported_by_cpu_vllm_fails_before_the_engine_starts(tmp_pat
         model = transformers.Qwen2ForCausalLM(config)
         before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
         with pytest.raises(VLLMUnavailableError, match="head_dim=16"):
-            build_rollout_engine(RolloutConfig(name="vllm", max_seq_len=64, max_new_tokens=8), model, None)
+            build_rollout_engine(RolloutConfig(name="vllm", prompt_length=56, response_length=8), model, None)
         leftovers = {d for d in set(os.listdir(os.environ.get("TMPDIR", "/tmp"))) - before
                      if d.startswith("vllm_rollout_")}
         assert leftovers == set()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence, get_args
 
 import numpy as np
 import torch
@@ -59,7 +59,8 @@ __all__ = [
     "truncated_log_is_weight",
 ]
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
 POLICY_LOSS_MODES = ("ppo_clip", "bypass", "decoupled_ppo", "gspo")
 TIS_LEVELS = ("none", "token", "sequence")
 REJECTION_LEVELS = ("none", "token", "sequence", "geometric")

@@ -11,23 +11,21 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import socket
 import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import ray
 import torch
-from omegaconf import OmegaConf
 
-from recipe.fully_async_policy.pipeline import AsyncRolloutPipeline
 from verl.protocol import DataProto
-from verl.trainer.config import TrainerConfig
+from verl.trainer.config import TrainerConfig, to_yaml
+from verl.trainer.fully_async.pipeline import AsyncRolloutPipeline
 from verl.trainer.ppo.core_algos import compute_advantage
 from verl.utils.dataset.rl_dataset import PromptSampler, RLDataset, collate_prompts
+from verl.utils.distributed import find_free_port
 from verl.utils.reward_score import check_data_sources
 from verl.utils.tracking import Tracking
 from verl.workers.actor_worker import ActorWorker
@@ -35,12 +33,6 @@ from verl.workers.actor_worker import ActorWorker
 CHECKPOINT_PREFIX = "global_step_"
 COMPLETE_MARKER = "COMPLETE"
 TRAJECTORY_LOG = "trajectories.jsonl"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rollout_seed(base_seed: int, step: int, salt: int = 0) -> int:
@@ -51,8 +43,9 @@ def _rollout_seed(base_seed: int, step: int, salt: int = 0) -> int:
 class RayPPOTrainer:
     def __init__(self, config: TrainerConfig, model_path: str):
         self.config = config
+        self.update_config = config.policy_update_config()
         self.model_path = model_path
-        self.run_dir = Path(config.trainer.run_dir)
+        self.run_dir = Path(config.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.global_step = 0
 
@@ -60,36 +53,39 @@ class RayPPOTrainer:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         dc = config.data
-        self.train_dataset = RLDataset(dc.train_files, self.tokenizer, dc.max_prompt_length, truncation=dc.truncation)
+        dataset_kwargs = dict(prompt_key=dc.prompt_key, truncation=dc.truncation,
+                              filter_overlong_prompts=dc.filter_overlong_prompts)
+        self.train_dataset = RLDataset(dc.train_files, self.tokenizer, dc.max_prompt_length, **dataset_kwargs)
         self.val_dataset = (
-            RLDataset(dc.val_files, self.tokenizer, dc.max_prompt_length, truncation=dc.truncation)
-            if dc.val_files else None
+            RLDataset(dc.val_files, self.tokenizer, dc.max_prompt_length, **dataset_kwargs) if dc.val_files else None
         )
         check_data_sources(self.train_dataset.data_sources())
         if self.val_dataset is not None:
             check_data_sources(self.val_dataset.data_sources())
         self.sampler = PromptSampler(
-            len(self.train_dataset), dc.train_batch_size, seed=config.trainer.seed, shuffle=dc.shuffle
+            len(self.train_dataset), config.prompts_per_step, seed=config.trainer.seed, shuffle=dc.shuffle
         )
+        self.total_training_steps = config.total_training_steps(len(self.train_dataset))
 
     # ------------------------------------------------------------------ workers
     def init_workers(self) -> None:
         tc, at = self.config.trainer, self.config.async_training
         n_threads = at.threads_per_worker(tc.num_threads_per_worker)
         env = {"env_vars": {"OMP_NUM_THREADS": str(n_threads), "TOKENIZERS_PARALLELISM": "false"}}
-        cpu_share = tc.ray_num_cpus / (tc.actor_world_size + at.num_rollout_replicas)
+        world = tc.world_size
+        cpu_share = self.config.ray_kwargs.ray_init.cpus() / (world + self.config.num_rollout_replicas)
         self.pipeline = AsyncRolloutPipeline(
             self.config, self.model_path, self.train_dataset, self.sampler, self.tokenizer.pad_token_id,
             num_threads=n_threads, cpu_share=cpu_share, env=env,
         )
         actor_cls = ray.remote(num_cpus=cpu_share, runtime_env=env)(_actor_worker_class(self.config.actor.strategy))
-        port = _free_port()
+        port = find_free_port()
         self.actors = [
             actor_cls.remote(
-                self.model_path, self.config.actor, tc.total_training_steps, rank=r, world_size=tc.actor_world_size,
-                master_port=port, num_threads=n_threads, seed=tc.seed, dtype=self.config.model.dtype, device=tc.device,
+                self.model_path, self.update_config, self.total_training_steps, rank=r, world_size=world,
+                master_port=port, num_threads=n_threads, seed=tc.seed, dtype=self.config.actor.dtype, device=tc.device,
             )
-            for r in range(tc.actor_world_size)
+            for r in range(world)
         ]
         ray.get([a.__ray_ready__.remote() for a in self.actors] + self.pipeline.ready())
         # Tensor/context/pipeline-parallel ranks of one data-parallel rank share its shard.
@@ -116,7 +112,7 @@ class RayPPOTrainer:
         batch, metrics = self.pipeline.next_batch(step)
         batch.meta_info["global_steps"] = step
         batch = compute_advantage(batch, self.config.algorithm)
-        if self.config.actor.recompute_old_log_prob:
+        if self.update_config.recompute_old_log_prob:
             batch = self._recompute_old_log_probs(batch)
         if at.test_train_delay_max_s:
             time.sleep(self._delay_rng.uniform(0.0, at.test_train_delay_max_s))
@@ -166,9 +162,12 @@ class RayPPOTrainer:
         prompts = collate_prompts(items, self.tokenizer.pad_token_id)
         prompts.non_tensor_batch["uid"] = np.array([f"val-{i}" for i in range(count)], dtype=object)
         seed = _rollout_seed(self.config.trainer.seed, 0, salt=17)
-        modes = {"greedy_acc": "greedy"}
-        if (n := self.config.rollout.val_kwargs.mean_at_n_samples) > 0:
-            modes[f"mean_at_{n}_acc"] = "mean_at_n"
+        val = self.config.actor_rollout_ref.rollout.val_kwargs
+        modes = {}
+        if not val.do_sample or val.report_greedy:
+            modes["greedy_acc"] = "greedy"
+        if val.do_sample:
+            modes[f"mean_at_{val.n}_acc"] = "mean_at_n"
         metrics: dict[str, float] = {}
         for label, mode in modes.items():
             out = self.pipeline.validate(prompts, mode, seed)
@@ -190,6 +189,10 @@ class RayPPOTrainer:
         dirs = [d for d in self.ckpt_root.iterdir() if d.name.startswith(CHECKPOINT_PREFIX) and (d / COMPLETE_MARKER).exists()]
         return sorted(dirs, key=lambda d: int(d.name[len(CHECKPOINT_PREFIX):]))
 
+    def _checkpoints_to_delete(self) -> list[Path]:
+        keep = self.config.trainer.max_actor_ckpt_to_keep
+        return self._checkpoint_dirs()[:-keep] if keep else []
+
     def save_checkpoint(self, step: int) -> Path:
         directory = self.ckpt_root / f"{CHECKPOINT_PREFIX}{step}"
         if directory.exists():
@@ -199,23 +202,23 @@ class RayPPOTrainer:
         state = {"global_step": step, "sampler": self.pipeline.data_state(step)}
         (directory / "trainer_state.json").write_text(json.dumps(state))
         (directory / COMPLETE_MARKER).write_text("")  # written last: a half-written checkpoint is ignored
-        for old in self._checkpoint_dirs()[: -self.config.trainer.max_checkpoints_to_keep]:
+        for old in self._checkpoints_to_delete():
             shutil.rmtree(old, ignore_errors=True)
         return directory
 
     def maybe_resume(self) -> int:
-        mode = self.config.trainer.resume
-        if mode == "disable":
+        tc = self.config.trainer
+        if tc.resume_mode == "disable":
             return 0
-        if mode == "auto":
+        if tc.resume_mode == "auto":
             dirs = self._checkpoint_dirs()
             if not dirs:
                 return 0
             directory = dirs[-1]
         else:
-            directory = Path(mode)
+            directory = Path(tc.resume_from_path)
             if not (directory / COMPLETE_MARKER).exists():
-                raise FileNotFoundError(f"trainer.resume={mode!r}: no complete checkpoint there")
+                raise FileNotFoundError(f"trainer.resume_from_path={tc.resume_from_path!r}: no complete checkpoint there")
         ray.get([a.load_checkpoint.remote(str(directory)) for a in self.actors])
         state = json.loads((directory / "trainer_state.json").read_text())
         self.sampler.load_state_dict(state["sampler"])
@@ -227,7 +230,7 @@ class RayPPOTrainer:
     def fit(self) -> dict[str, float]:
         tc = self.config.trainer
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.config)))
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
         self.init_workers()
         start = self.maybe_resume()
         if start == 0:
@@ -235,8 +238,9 @@ class RayPPOTrainer:
             (self.run_dir / TRAJECTORY_LOG).unlink(missing_ok=True)
         self.pipeline.start(start, weight_sources=self.actors)
         tracker = Tracking(
-            self.run_dir, tc.logger, config=asdict(self.config), total_steps=tc.total_training_steps,
+            self.run_dir, tc.logger, config=asdict(self.config), total_steps=self.total_training_steps,
             initial_step=start, project_name=tc.project_name, experiment_name=tc.experiment_name,
+            wandb_entity=tc.wandb_entity, wandb_group=tc.wandb_group,
         )
         if start:
             tracker.message(f"resumed from step {start} ({self.run_dir})")
@@ -246,15 +250,16 @@ class RayPPOTrainer:
             if start == 0 and tc.val_before_train and self.val_dataset is not None:
                 last_val = self.validate()
                 tracker.log({**last_val, "time/wall_s": 0.0}, step=0)
-            for step in range(start + 1, tc.total_training_steps + 1):
+            val_freq = self.config.val_freq
+            for step in range(start + 1, self.total_training_steps + 1):
                 metrics = self.train_step(step)
-                is_last = step == tc.total_training_steps
-                if self.val_dataset is not None and ((tc.val_freq and step % tc.val_freq == 0) or is_last):
+                is_last = step == self.total_training_steps
+                if self.val_dataset is not None and ((val_freq and step % val_freq == 0) or is_last):
                     last_val = self.validate()
                     metrics.update(last_val)
                 metrics["time/wall_s"] = time.perf_counter() - wall0
                 tracker.log(metrics, step=step)
-                if (tc.save_freq and step % tc.save_freq == 0) or is_last:
+                if tc.save_freq > 0 and (step % tc.save_freq == 0 or is_last):
                     self.save_checkpoint(step)
                 self.global_step = step
         finally:
@@ -311,11 +316,3 @@ def _truncate_trajectory_log(path: Path, last_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
     path.write_text("".join(line + "\n" for line in kept))
-
-
-def summarize_run(run_dir: str | Path) -> dict[str, Any]:
-    """The final validation metrics of a finished run, read back from its metrics log."""
-    from verl.utils.tracking import read_metrics
-
-    records = [r for r in read_metrics(run_dir) if "val/greedy_acc" in r]
-    return {"first": records[0] if records else {}, "last": records[-1] if records else {}}

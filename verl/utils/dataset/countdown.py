@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from verl.utils.config import ConfigError, check_positive
+from verl.utils.config import ConfigError, check_positive, config_section
 
 DATA_SOURCE = "countdown"
 ABILITY = "arithmetic"
@@ -31,17 +31,23 @@ _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 _ATOM_PRECEDENCE = 3
 
 
-@dataclass
+@config_section
 class CountdownConfig:
     """Knobs of the generator. Numbers are drawn uniformly (repeats allowed) from
     [min_value, max_value]; targets outside [min_target, max_target] are redrawn."""
 
     num_numbers: int = 3
+    """Numbers per problem (>= 2)."""
     min_value: int = 1
+    """Smallest number drawn."""
     max_value: int = 20
+    """Largest number drawn."""
     operators: str = "+-*"
+    """Operators the solver may use."""
     min_target: int = 0
+    """Smallest target."""
     max_target: int = 999
+    """Largest target."""
 
     def validate(self, prefix: str) -> None:
         if self.num_numbers < 2:

@@ -63,7 +63,8 @@ class RLDataset:
     """
 
     def __init__(self, files: str | os.PathLike | Sequence[str | os.PathLike], tokenizer: Any,
-                 max_prompt_length: int, prompt_key: str = "prompt", truncation: str = "error"):
+                 max_prompt_length: int, prompt_key: str = "prompt", truncation: str = "error",
+                 filter_overlong_prompts: bool = False):
         check_positive("data.max_prompt_length", max_prompt_length)
         check_choice("data.truncation", truncation, TRUNCATION_MODES)
         self.files = [os.fspath(files)] if isinstance(files, (str, os.PathLike)) else [os.fspath(f) for f in files]
@@ -73,6 +74,9 @@ class RLDataset:
         self.max_prompt_length = max_prompt_length
         self.prompt_key = prompt_key
         self.truncation = truncation
+        # veRL's data.filter_overlong_prompts: drop such prompts (counted) instead of truncating.
+        self.filter_overlong_prompts = filter_overlong_prompts
+        self.num_filtered = 0
         self._items: list[dict[str, Any]] = []
         for path in self.files:
             self._load(path)
@@ -108,6 +112,9 @@ class RLDataset:
             chunk = rows[start:start + _TOKENIZE_CHUNK]
             for offset, (item, ids) in enumerate(zip(chunk, chat_prompt_ids(self.tokenizer,
                                                                              [r["raw_prompt"] for r in chunk]))):
+                if self.filter_overlong_prompts and len(ids) > self.max_prompt_length:
+                    self.num_filtered += 1
+                    continue
                 item["raw_prompt_ids"] = self._fit(path, start + offset, ids)
                 item["index"] = len(self._items)
                 self._items.append(item)

@@ -8,24 +8,41 @@ reading Megatron's globals.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from pydantic import PositiveInt
 
-from verl.utils.config import ConfigError, check_divisible, check_positive
+from verl.utils.config import ConfigError, check_divisible, config_section
 from verl.utils.megatron.cpu_compat import enable_cpu_compat, seed_cpu_rng_tracker
 
 
-@dataclass
+@config_section
 class MegatronParallelConfig:
-    """How the actor's ranks are split: world = DP x CP x TP x PP (Megatron order tp-cp-dp-pp)."""
+    """``actor_rollout_ref.actor.megatron``: how the actor's ranks are split, world = DP x CP x TP x PP
+    (Megatron order tp-cp-dp-pp), and the Megatron actor's precision."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
+    tensor_model_parallel_size: PositiveInt = 1
+    """TP: each layer's weights split over this many ranks (heads, KV heads and vocab must divide)."""
+    pipeline_model_parallel_size: PositiveInt = 1
+    """PP: the layers split into this many stages (1F1B schedule)."""
+    context_parallel_size: PositiveInt = 1
+    """CP: each sequence split over this many ranks."""
     sequence_parallel: bool = False
+    """Split activations along the sequence over the TP ranks (needs TP > 1)."""
     use_distributed_optimizer: bool = False
+    """Shard the optimizer state over data-parallel ranks."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of the Megatron model (fp32 main gradients and optimizer state either way)."""
+    use_remove_padding: bool = False
+    """veRL's packed-sequence switch; this build computes on padded batches (same numbers, more memory)."""
+    param_offload: bool = False
+    """Offload parameters to host memory between steps (not available in this build)."""
+    optimizer_offload: bool = False
+    """Offload the optimizer state to host memory (not available in this build)."""
+    grad_offload: bool = False
+    """Offload gradients to host memory (not available in this build)."""
 
     @property
     def model_parallel_size(self) -> int:
@@ -34,30 +51,27 @@ class MegatronParallelConfig:
 
     def validate(self, prefix: str, world_size: int | None = None, hf_config: Any = None) -> None:
         tp, pp, cp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size
-        check_positive(f"{prefix}.tensor_model_parallel_size", tp)
-        check_positive(f"{prefix}.pipeline_model_parallel_size", pp)
-        check_positive(f"{prefix}.context_parallel_size", cp)
         if self.sequence_parallel and tp == 1:
             raise ConfigError(f"{prefix}.sequence_parallel", self.sequence_parallel,
                               f"needs {prefix}.tensor_model_parallel_size > 1 (it splits the sequence over TP ranks)")
         if world_size is not None and world_size % self.model_parallel_size != 0:
-            raise ConfigError("trainer.actor_world_size", world_size,
+            raise ConfigError("trainer.n_gpus_per_node", world_size,
                               f"must be divisible by tp*pp*cp = {tp}*{pp}*{cp} = {self.model_parallel_size}")
         if hf_config is None:
             return
-        check_divisible("model.num_attention_heads", hf_config.num_attention_heads, tp,
+        check_divisible("actor_rollout_ref.model.path: num_attention_heads", hf_config.num_attention_heads, tp,
                         f"{prefix}.tensor_model_parallel_size")
         num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-        check_divisible("model.num_key_value_heads", num_kv_heads, tp, f"{prefix}.tensor_model_parallel_size")
-        check_divisible("model.num_hidden_layers", hf_config.num_hidden_layers, pp,
+        check_divisible("actor_rollout_ref.model.path: num_key_value_heads", num_kv_heads, tp, f"{prefix}.tensor_model_parallel_size")
+        check_divisible("actor_rollout_ref.model.path: num_hidden_layers", hf_config.num_hidden_layers, pp,
                         f"{prefix}.pipeline_model_parallel_size")
         # Vocab-parallel embedding and output layer split the rows evenly; no padding rows are
         # added, so the HF <-> Megatron conversion stays exact.
-        check_divisible("model.vocab_size", hf_config.vocab_size, tp, f"{prefix}.tensor_model_parallel_size")
+        check_divisible("actor_rollout_ref.model.path: vocab_size", hf_config.vocab_size, tp, f"{prefix}.tensor_model_parallel_size")
 
     def data_parallel_size(self, world_size: int) -> int:
         """Number of data-parallel replicas (each with its own slice of the batch): world / (tp*pp*cp)."""
-        self.validate("actor.megatron", world_size=world_size)
+        self.validate("actor_rollout_ref.actor.megatron", world_size=world_size)
         return world_size // self.model_parallel_size
 
 

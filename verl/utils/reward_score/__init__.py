@@ -13,12 +13,11 @@ from verl.utils.reward_score.dispatch import (
     default_compute_score,
     reward_family,
 )
-from verl.utils.reward_score.manager import RewardConfig, RewardManager
+from verl.utils.reward_score.manager import RewardManager
 
 __all__ = [
     "DATA_SOURCE_ALIASES",
     "DATA_SOURCE_PREFIXES",
-    "RewardConfig",
     "RewardManager",
     "check_data_sources",
     "default_compute_score",

@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,16 +38,6 @@ logger = logging.getLogger(__name__)
 
 # Scorer families safe to run in the trainer's own process: no third-party parser, bounded time.
 IN_PROCESS_FAMILIES = frozenset({"countdown", "gsm8k"})
-
-
-@dataclass
-class RewardConfig:
-    timeout_s: float = 5.0
-    startup_timeout_s: float = 60.0
-
-    def validate(self, prefix: str) -> None:
-        check_positive(f"{prefix}.timeout_s", self.timeout_s)
-        check_positive(f"{prefix}.startup_timeout_s", self.startup_timeout_s)
 
 
 class _WorkerTimeout(Exception):
@@ -135,7 +124,8 @@ class RewardManager:
     def __init__(self, timeout_s: float = 5.0,
                  compute_score: Callable[[str, str, Any, dict | None], float] = default_compute_score,
                  in_process_sources: Collection[str] | None = None, startup_timeout_s: float = 60.0):
-        RewardConfig(timeout_s, startup_timeout_s).validate("reward")
+        check_positive("reward_model.timeout_s", timeout_s)
+        check_positive("reward_model.startup_timeout_s", startup_timeout_s)
         self.timeout_s = timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.compute_score = compute_score
@@ -143,12 +133,6 @@ class RewardManager:
         self._in_process_sources = None if in_process_sources is None else frozenset(in_process_sources)
         self._worker: _ScoringWorker | None = None
         self._lock = threading.Lock()
-
-    @classmethod
-    def from_config(cls, config: RewardConfig,
-                    compute_score: Callable[[str, str, Any, dict | None], float] = default_compute_score
-                    ) -> RewardManager:
-        return cls(config.timeout_s, compute_score, startup_timeout_s=config.startup_timeout_s)
 
     def _scores_in_process(self, data_source: str) -> bool:
         if self._in_process_sources is not None:

@@ -1,160 +1,250 @@
-"""Typed config of the actor (the trainer -> actor step): optimizer, policy loss, batching.
+"""Config of the actor (trainer -> actor step): ``actor_rollout_ref.actor`` and ``.ref`` in veRL's
+spelling, and the resolved ``PolicyUpdateConfig`` the actor backends run on.
 
-Plain types only (lists, not tuples) so Hydra structured configs accept every field; each
-section's ``validate(prefix)`` fails with the full key before anything starts.
+The user-facing sections (``ActorConfig``, ``RefConfig``, ``OptimConfig``) carry veRL's and the
+VCPO release's key names; ``TrainerConfig.policy_update_config`` turns them, together with
+``algorithm.rollout_correction`` and ``async_training``, into one ``PolicyUpdateConfig``: what the
+torch and Megatron actors read (batch sizes in trajectories, the loss mode, the IS correction).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-from verl.trainer.ppo.core_algos import LOSS_AGG_MODES, POLICY_LOSS_MODES, REJECTION_LEVELS, TIS_LEVELS
-from verl.utils.config import ConfigError, check_choice, check_positive, check_range
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+from verl.trainer.ppo.core_algos import LossAggMode
+from verl.utils.config import ConfigError, config_section
 from verl.utils.megatron.parallel import MegatronParallelConfig
 from verl.workers.utils.vcpo import ESSScalingConfig, GradBaseliningConfig
 
-LR_SCHEDULERS = ("constant", "cosine", "linear")
-ACTOR_STRATEGIES = ("torch", "megatron")
+Dtype = Literal["float32", "bfloat16", "float16"]
+UnitFloat = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-@dataclass
+@config_section
 class OptimConfig:
-    """AdamW with a warmup + constant/linear/cosine schedule over ``total_training_steps``."""
+    """``actor_rollout_ref.actor.optim``: AdamW with warmup, then a constant/linear/cosine schedule."""
 
-    lr: float = 1e-4
+    lr: NonNegativeFloat = 1e-6
+    """Peak learning rate (VCPO's ESS rule scales it per step)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    # Linear/cosine decay ends at lr * min_lr_ratio.
-    min_lr_ratio: float = 0.0
-    # -1: the trainer fills in its number of steps.
-    total_training_steps: int = -1
+    """AdamW betas."""
+    weight_decay: NonNegativeFloat = 0.01
+    """Decoupled weight decay."""
+    eps: PositiveFloat = 1e-8
+    """AdamW epsilon."""
+    clip_grad: PositiveFloat = 1.0
+    """Clip the global gradient norm to this value."""
+    lr_warmup_steps: NonNegativeInt = 0
+    """Linear warmup steps from 0 to ``lr``."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule after warmup."""
+    lr_decay_steps: PositiveInt | None = None
+    """Steps over which linear/cosine decay to ``lr * min_lr_ratio``; null: the run's training steps."""
+    min_lr_ratio: UnitFloat = 0.0
+    """Where linear/cosine decay ends, as a fraction of ``lr``."""
+
+    def decay_steps(self, total_training_steps: int | None) -> int:
+        """Steps of the decay schedule: ``lr_decay_steps``, else the run's training steps."""
+        steps = self.lr_decay_steps if self.lr_decay_steps is not None else (total_training_steps or 0)
+        if self.lr_decay_style != "constant" and steps <= 0:
+            raise ConfigError("actor_rollout_ref.actor.optim.lr_decay_steps", steps,
+                              f"must be > 0 for lr_decay_style={self.lr_decay_style!r}")
+        return steps
 
     def validate(self, prefix: str) -> None:
-        check_positive(f"{prefix}.lr", self.lr, allow_zero=True)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{prefix}.betas", self.betas, "must be two numbers in [0, 1)")
-        check_positive(f"{prefix}.weight_decay", self.weight_decay, allow_zero=True)
-        check_positive(f"{prefix}.eps", self.eps)
-        check_choice(f"{prefix}.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        check_positive(f"{prefix}.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
-        check_range(f"{prefix}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        if self.total_training_steps != -1 and self.total_training_steps <= 0:
-            raise ConfigError(
-                f"{prefix}.total_training_steps",
-                self.total_training_steps,
-                "must be -1 (set by the trainer) or > 0",
-            )
+
+
+@config_section
+class PolicyLossConfig:
+    """``actor_rollout_ref.actor.policy_loss``: which surrogate the actor optimises."""
+
+    loss_mode: Literal["vanilla", "gspo"] = "vanilla"
+    """``vanilla``: PPO's clipped ratio; ``gspo``: the clipped length-normalised sequence ratio.
+    With ``async_training.skip_recompute_old_log_prob`` the ratio is 1 (bypass) and only vanilla applies."""
+
+
+@config_section
+class FsdpConfig:
+    """``actor_rollout_ref.actor.fsdp_config``: the non-Megatron actor's precision (``strategy=torch``)."""
+
+    model_dtype: Dtype = "float32"
+    """Parameter dtype of the torch actor."""
+
+
+@config_section
+class ActorConfig:
+    """``actor_rollout_ref.actor``: batching, loss and optimizer of ``update_policy``."""
+
+    strategy: Literal["torch", "megatron", "fsdp", "fsdp2"] = "torch"
+    """``torch`` (plain data parallel over gloo/NCCL) or ``megatron`` (DP x TP x SP x CP x PP); FSDP is not in this build."""
+    ppo_mini_batch_size: PositiveInt = 16
+    """Prompts per optimizer step, as in veRL (x ``rollout.n`` trajectories), over all data-parallel ranks."""
+    ppo_micro_batch_size_per_gpu: PositiveInt = 8
+    """Trajectories per forward/backward on one rank."""
+    use_dynamic_bsz: bool = False
+    """Micro-batches by token budget (not in this build)."""
+    ppo_epochs: PositiveInt = 1
+    """Passes over each trainer step's batch."""
+    shuffle: bool = False
+    """Permute trajectories before each epoch's mini-batch split (seeded)."""
+    loss_agg_mode: LossAggMode = "seq-mean-token-mean"
+    """How token losses are averaged (docs/losses.md)."""
+    clip_ratio: NonNegativeFloat = 0.2
+    """PPO clip range; ``clip_ratio_low``/``_high`` override each side."""
+    clip_ratio_low: UnitFloat | None = None
+    """Lower clip: ratio >= 1 - clip_ratio_low (null: ``clip_ratio``)."""
+    clip_ratio_high: NonNegativeFloat | None = None
+    """Upper clip: ratio <= 1 + clip_ratio_high (null: ``clip_ratio``)."""
+    clip_ratio_c: float | None = 3.0
+    """Dual-clip bound for negative advantages (> 1); null turns dual clipping off."""
+    entropy_coeff: NonNegativeFloat = 0.0
+    """Entropy bonus coefficient (must be 0 with OPOB)."""
+    use_kl_loss: bool = False
+    """KL-to-reference loss term (not in this build)."""
+    kl_loss_coef: NonNegativeFloat = 0.001
+    """Coefficient of the KL loss term (used only with ``use_kl_loss``)."""
+    kl_loss_type: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"] = "low_var_kl"
+    """KL estimator of the loss term (used only with ``use_kl_loss``)."""
+    use_rollout_log_probs: bool = True
+    """The release's switch: the behaviour log-probs come from the rollout engine (required here)."""
+    update_policy_per_traj: bool = False
+    """The release's per-trajectory update: per-trajectory gradient norms by one forward/backward per
+    trajectory (exact for any layer) instead of the batched ghost norms."""
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ess_scaling: ESSScalingConfig = field(default_factory=ESSScalingConfig)
+    grad_baselining: GradBaseliningConfig = field(default_factory=GradBaseliningConfig)
+    megatron: MegatronParallelConfig = field(default_factory=MegatronParallelConfig)
+    fsdp_config: FsdpConfig = field(default_factory=FsdpConfig)
+
+    @property
+    def clip_low(self) -> float:
+        return self.clip_ratio if self.clip_ratio_low is None else self.clip_ratio_low
+
+    @property
+    def clip_high(self) -> float:
+        return self.clip_ratio if self.clip_ratio_high is None else self.clip_ratio_high
+
+    @property
+    def dtype(self) -> str:
+        """The parameter dtype of the configured strategy."""
+        return self.megatron.dtype if self.strategy == "megatron" else self.fsdp_config.model_dtype
+
+    def validate(self, prefix: str) -> None:
+        if self.strategy in ("fsdp", "fsdp2"):
+            raise ConfigError(f"{prefix}.strategy", self.strategy,
+                              "FSDP is not in this build; use 'torch' (data parallel) or 'megatron'")
+        if self.clip_ratio > 1.0 and self.clip_ratio_low is None:
+            raise ConfigError(f"{prefix}.clip_ratio", self.clip_ratio, "must be <= 1 unless clip_ratio_low is set")
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
+            raise ConfigError(f"{prefix}.clip_ratio_c", self.clip_ratio_c, "must be > 1 or null (no dual clip)")
+        if not self.use_rollout_log_probs:
+            raise ConfigError(f"{prefix}.use_rollout_log_probs", False,
+                              "must be true: the behaviour log-probs always come from the rollout engine here")
+        self.optim.validate(f"{prefix}.optim")
+        self.grad_baselining.validate(f"{prefix}.grad_baselining")
+        for key, on, feature in ((f"{prefix}.use_dynamic_bsz", self.use_dynamic_bsz, "dynamic batch sizes"),
+                                 (f"{prefix}.use_kl_loss", self.use_kl_loss, "the KL loss (a reference policy)"),
+                                 (f"{prefix}.megatron.param_offload", self.megatron.param_offload, "parameter offload"),
+                                 (f"{prefix}.megatron.optimizer_offload", self.megatron.optimizer_offload,
+                                  "optimizer offload"),
+                                 (f"{prefix}.megatron.grad_offload", self.megatron.grad_offload, "gradient offload")):
+            if on:
+                raise ConfigError(key, True, f"{feature} is not available in this build; set it to false")
+
+
+@config_section
+class RefConfig:
+    """``actor_rollout_ref.ref``: the frozen reference policy. There is none in this build (it is
+    only needed for a KL term), so these keys are accepted and unused, as veRL does without KL."""
+
+    log_prob_micro_batch_size_per_gpu: PositiveInt | None = None
+    """Trajectories per reference forward on one rank."""
+    log_prob_use_dynamic_bsz: bool = False
+    """Reference micro-batches by token budget."""
+    megatron: MegatronParallelConfig = field(default_factory=MegatronParallelConfig)
+    fsdp_config: FsdpConfig = field(default_factory=FsdpConfig)
+
+
+# ------------------------------------------------------------------------------- resolved
+
+
+POLICY_LOSS_MODES = ("ppo_clip", "bypass", "decoupled_ppo", "gspo")
 
 
 @dataclass
-class PolicyLossConfig:
-    """``ppo_clip``: clipped ratio against old log-probs; ``bypass``: ratio = 1 with grad log pi,
+class PolicyLossSpec:
+    """The loss the actor computes, resolved from ``actor.policy_loss``, ``actor.clip_ratio*``,
+    ``algorithm.rollout_correction`` and ``async_training.skip_recompute_old_log_prob``.
+
+    ``ppo_clip``: clipped ratio against the old log-probs; ``bypass``: ratio = 1 with grad log pi,
     no clipping (the VCPO recipes); ``decoupled_ppo``: clip against the recomputed proximal policy,
     behaviour IS weight pi_prox / mu; ``gspo``: clipped length-normalised sequence ratio. TIS
     multiplies the loss by min(w, tis_cap), detached; rejection and M2PO mask tokens out of the
     loss. Formulas: ``core_algos.compute_policy_loss`` and docs/losses.md."""
 
-    mode: str = "ppo_clip"
+    mode: str = "bypass"
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
-    # Dual-clip bound for negative advantages (> 1); null turns dual clipping off.
     clip_ratio_c: float | None = 3.0
     tis_level: str = "none"
     tis_cap: float = 8.0
-    # Masked IS: drop tokens/sequences whose IS ratio (token, sequence, or per-token geometric
-    # mean) leaves [rejection_low, rejection_high].
     rejection_level: str = "none"
     rejection_low: float = 0.5
     rejection_high: float = 2.0
-    # M2PO: mask the largest (log pi - log mu)^2 until their mean over the global mini-batch
-    # is <= m2po_threshold.
     m2po: bool = False
     m2po_threshold: float = 0.04
 
-    def validate(self, prefix: str) -> None:
-        check_choice(f"{prefix}.mode", self.mode, POLICY_LOSS_MODES)
-        check_range(f"{prefix}.clip_ratio_low", self.clip_ratio_low, 0.0, 1.0)
-        check_positive(f"{prefix}.clip_ratio_high", self.clip_ratio_high, allow_zero=True)
-        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
-            raise ConfigError(
-                f"{prefix}.clip_ratio_c", self.clip_ratio_c, "must be > 1 or null (no dual clip)"
-            )
-        check_choice(f"{prefix}.tis_level", self.tis_level, TIS_LEVELS)
-        check_positive(f"{prefix}.tis_cap", self.tis_cap)
-        check_choice(f"{prefix}.rejection_level", self.rejection_level, REJECTION_LEVELS)
-        # The bounds must bracket 1 so on-policy data (ratio 1) is never rejected.
-        check_range(f"{prefix}.rejection_low", self.rejection_low, 0.0, 1.0)
-        if not self.rejection_high >= 1.0:
-            raise ConfigError(f"{prefix}.rejection_high", self.rejection_high, "must be >= 1")
-        check_positive(f"{prefix}.m2po_threshold", self.m2po_threshold)
-
 
 @dataclass
-class ActorConfig:
-    """Batching and loss of ``update_policy``.
+class PolicyUpdateConfig:
+    """What one actor rank runs ``update_policy`` with (built by ``TrainerConfig.policy_update_config``).
 
     ``ppo_mini_batch_size`` counts trajectories over all data-parallel ranks (one optimizer step
-    each); ``ppo_micro_batch_size_per_gpu`` trajectories per forward/backward on one rank.
+    each); ``ppo_micro_batch_size_per_gpu`` trajectories per forward/backward on one rank;
+    ``log_prob_micro_batch_size_per_gpu`` per no-grad forward. The defaults serve tests and
+    library use; a run always builds this from its config tree.
     """
 
     strategy: str = "torch"
     ppo_mini_batch_size: int = 64
     ppo_micro_batch_size_per_gpu: int = 8
+    log_prob_micro_batch_size_per_gpu: int = 8
     ppo_epochs: int = 1
-    # Permute trajectories before each epoch's mini-batch split (seeded from torch.initial_seed()).
     shuffle: bool = False
     loss_agg_mode: str = "seq-mean-token-mean"
     grad_clip: float = 1.0
     entropy_coeff: float = 0.0
-    # True: the trainer recomputes old log-probs with the current weights before the update
-    # (ppo_clip anchors on them); False: ppo_clip anchors on the rollout log-probs.
+    # True: the trainer recomputes old log-probs with the current weights before the update.
     recompute_old_log_prob: bool = False
-    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    grad_norm_method: Literal["batched", "per_traj"] = "batched"
+    policy_loss: PolicyLossSpec = field(default_factory=PolicyLossSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # VCPO (SPEC.md): (i) ESS-scaled lr per optimizer step, (ii) the off-policy optimal baseline.
     ess_scaling: ESSScalingConfig = field(default_factory=ESSScalingConfig)
     grad_baselining: GradBaseliningConfig = field(default_factory=GradBaseliningConfig)
-    # strategy=megatron only: DP x TP x SP x CP x PP layout (world size and model checked by the worker).
     megatron: MegatronParallelConfig = field(default_factory=MegatronParallelConfig)
 
-    def validate(self, prefix: str) -> None:
-        check_choice(f"{prefix}.strategy", self.strategy, ACTOR_STRATEGIES)
-        check_positive(f"{prefix}.ppo_mini_batch_size", self.ppo_mini_batch_size)
-        check_positive(f"{prefix}.ppo_micro_batch_size_per_gpu", self.ppo_micro_batch_size_per_gpu)
-        check_positive(f"{prefix}.ppo_epochs", self.ppo_epochs)
-        check_choice(f"{prefix}.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
-        check_positive(f"{prefix}.grad_clip", self.grad_clip)
-        check_positive(f"{prefix}.entropy_coeff", self.entropy_coeff, allow_zero=True)
-        self.policy_loss.validate(f"{prefix}.policy_loss")
-        if self.policy_loss.mode == "decoupled_ppo" and not self.recompute_old_log_prob:
-            raise ConfigError(f"{prefix}.policy_loss.mode", "decoupled_ppo",
-                              f"needs {prefix}.recompute_old_log_prob=true (the proximal policy is the old "
-                              "log-probs recomputed with the current weights)")
-        self.optim.validate(f"{prefix}.optim")
-        self.ess_scaling.validate(f"{prefix}.ess_scaling")
-        self.grad_baselining.validate(f"{prefix}.grad_baselining")
-        if self.strategy == "megatron":
-            self.megatron.validate(f"{prefix}.megatron")
-        if self.grad_baselining.enable:
-            self._validate_grad_baselining(prefix)
-
-    def _validate_grad_baselining(self, prefix: str) -> None:
+    def check_grad_baselining(self, key: str) -> None:
         """OPOB replaces each trajectory's advantage by its coefficient c_i in the VCPO loss
         l_i = -(w~_i / L_i) sum_t c_i log pi(y_t): that is only the trained gradient when the loss is
         that one, linear in the advantage, with nothing added. Rejection and M2PO masks would drop
         tokens from the loss but not from the per-trajectory score s_i whose norm weights the
-        baseline (its gradient-norm pass sums log pi over every response token), so they are refused."""
-        key = f"{prefix}.grad_baselining.enable"
+        baseline (its gradient-norm pass sums log pi over every response token), so they are refused.
+        ``key`` names the user's switch in the error."""
+        if not self.grad_baselining.enable:
+            return
+        pl = self.policy_loss
         needs = {
-            f"{prefix}.policy_loss.mode": (self.policy_loss.mode, "bypass"),
-            f"{prefix}.policy_loss.tis_level": (self.policy_loss.tis_level, "sequence"),
-            f"{prefix}.loss_agg_mode": (self.loss_agg_mode, "seq-mean-token-mean"),
-            f"{prefix}.entropy_coeff": (self.entropy_coeff, 0.0),
-            f"{prefix}.policy_loss.rejection_level": (self.policy_loss.rejection_level, "none"),
-            f"{prefix}.policy_loss.m2po": (self.policy_loss.m2po, False),
+            "the bypass loss (async_training.skip_recompute_old_log_prob=true)": (pl.mode, "bypass"),
+            "algorithm.rollout_correction.rollout_is": (pl.tis_level, "sequence"),
+            "actor_rollout_ref.actor.loss_agg_mode": (self.loss_agg_mode, "seq-mean-token-mean"),
+            "actor_rollout_ref.actor.entropy_coeff": (self.entropy_coeff, 0.0),
+            "algorithm.rollout_correction.rollout_rs": (pl.rejection_level if not pl.m2po else "m2po", "none"),
         }
         for other, (value, required) in needs.items():
             if value != required:

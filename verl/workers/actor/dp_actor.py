@@ -27,7 +27,7 @@ from verl.trainer.ppo.core_algos import (
 from verl.utils.config import ConfigError
 from verl.utils.distributed import all_reduce_gradients_, all_reduce_sum_, get_rank, get_world_size
 from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
-from verl.workers.actor.config import ActorConfig, OptimConfig
+from verl.workers.actor.config import OptimConfig, PolicyUpdateConfig
 from verl.workers.actor.policy_loss import (
     FORWARD_KEYS,
     actor_policy_loss,
@@ -72,13 +72,10 @@ def build_optimizer_and_scheduler(
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable parameters and a LambdaLR following ``lr_schedule_factor``.
 
-    ``total_steps`` (trainer steps; the scheduler steps once per ``update_policy``) overrides
-    ``optim_config.total_training_steps`` when given; decaying schedules need one > 0.
+    ``total_steps`` (trainer steps; the scheduler steps once per ``update_policy``) is the decay
+    length unless ``optim_config.lr_decay_steps`` sets one (``OptimConfig.decay_steps``).
     """
-    total = optim_config.total_training_steps if total_steps is None else total_steps
-    if optim_config.lr_scheduler != "constant" and total <= 0:
-        raise ConfigError("actor.optim.total_training_steps", total,
-                          f"must be > 0 for lr_scheduler={optim_config.lr_scheduler!r}")
+    total = optim_config.decay_steps(total_steps)
     optimizer = torch.optim.AdamW(
         [p for p in module.parameters() if p.requires_grad],
         lr=optim_config.lr,
@@ -89,7 +86,7 @@ def build_optimizer_and_scheduler(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_schedule_factor(
-            step, optim_config.lr_scheduler, optim_config.lr_warmup_steps, total, optim_config.min_lr_ratio
+            step, optim_config.lr_decay_style, optim_config.lr_warmup_steps, total, optim_config.min_lr_ratio
         ),
     )
     return optimizer, scheduler
@@ -105,7 +102,7 @@ class DataParallelPPOActor:
 
     def __init__(
         self,
-        config: ActorConfig,
+        config: PolicyUpdateConfig,
         module: torch.nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
@@ -161,7 +158,7 @@ class DataParallelPPOActor:
         """
         temperature = sampling_temperature(data)
         tensors = self._to_device(data, FORWARD_KEYS)
-        size = self.config.ppo_micro_batch_size_per_gpu
+        size = self.config.log_prob_micro_batch_size_per_gpu
         log_probs, entropies = [], []
         with torch.no_grad():
             for start in range(0, len(data), size):
@@ -295,7 +292,7 @@ class DataParallelPPOActor:
         norms, then a log-prob pass and a backward of the weighted objective per micro-batch.
         Returns (log-probs, [surrogate loss, VCPO loss with the advantages, 0], the OPOB pass).
         """
-        method = self.config.grad_baselining.grad_norm_method
+        method = self.config.grad_norm_method
         if method == "batched":
             if self._ghost_norms is None:
                 self._ghost_norms = PerTrajectoryGradNorms(self.module)
@@ -376,11 +373,11 @@ class DataParallelPPOActor:
             vcpo.check_whole_groups(places)
         except ValueError as err:
             raise ConfigError(
-                "actor.grad_baselining.scope", "group",
+                "actor_rollout_ref.actor.grad_baselining.scope", "group",
                 f"needs each uid group whole in one mini-batch on one data-parallel rank, but {err} "
                 f"(place = rank * {minis} + mini-batch index): split the batch by uid across ranks "
-                "(DataProto.chunk_by_group), keep actor.ppo_mini_batch_size a multiple of rollout.n with "
-                "actor.shuffle=false, or use actor.grad_baselining.scope=minibatch",
+                "(DataProto.chunk_by_group), keep actor_rollout_ref.actor.ppo_mini_batch_size a multiple of actor_rollout_ref.rollout.n with "
+                "actor_rollout_ref.actor.shuffle=false, or use actor_rollout_ref.actor.grad_baselining.scope=minibatch",
             ) from err
 
     def _reduce_gradients(self) -> None:
@@ -435,12 +432,12 @@ class DataParallelPPOActor:
         mini = self.config.ppo_mini_batch_size
         if mini % world:
             raise ConfigError(
-                "actor.ppo_mini_batch_size", mini, f"must be divisible by the data-parallel size {world}"
+                "actor_rollout_ref.actor.ppo_mini_batch_size", mini, f"must be divisible by the data-parallel size {world}"
             )
         local_mini = mini // world
         if local_batch_size % local_mini:
             raise ConfigError(
-                "actor.ppo_mini_batch_size",
+                "actor_rollout_ref.actor.ppo_mini_batch_size",
                 mini,
                 f"this rank's batch of {local_batch_size} must split into whole mini-batches of "
                 f"{local_mini} (= ppo_mini_batch_size / {world} ranks)",

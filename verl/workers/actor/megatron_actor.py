@@ -40,7 +40,7 @@ from verl.utils.megatron.batch import (
 )
 from verl.utils.megatron.logprobs import vocab_parallel_entropy, vocab_parallel_log_probs
 from verl.utils.megatron.parallel import MegatronParallelConfig, ParallelGroups
-from verl.workers.actor.config import ActorConfig, OptimConfig
+from verl.workers.actor.config import OptimConfig, PolicyUpdateConfig
 from verl.workers.actor.dp_actor import (
     DataParallelPPOActor,
     OPOBPass,
@@ -108,7 +108,7 @@ class ScheduledLR:
 
     def _apply(self) -> None:
         c = self.optim_config
-        factor = lr_schedule_factor(self.step_count, c.lr_scheduler, c.lr_warmup_steps, self.total_steps, c.min_lr_ratio)
+        factor = lr_schedule_factor(self.step_count, c.lr_decay_style, c.lr_warmup_steps, self.total_steps, c.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = c.lr * factor
 
@@ -139,10 +139,7 @@ def build_megatron_optimizer_and_scheduler(
     """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    total = optim_config.total_training_steps if total_steps is None else total_steps
-    if optim_config.lr_scheduler != "constant" and total <= 0:
-        raise ConfigError("actor.optim.total_training_steps", total,
-                          f"must be > 0 for lr_scheduler={optim_config.lr_scheduler!r}")
+    total = optim_config.decay_steps(total_steps)
     config = OptimizerConfig(
         optimizer=optimizer, lr=optim_config.lr, min_lr=optim_config.lr * optim_config.min_lr_ratio,
         weight_decay=optim_config.weight_decay, adam_beta1=optim_config.betas[0], adam_beta2=optim_config.betas[1],
@@ -164,7 +161,7 @@ class MegatronPPOActor(DataParallelPPOActor):
     ``step()``. Every rank of the world calls every method together.
     """
 
-    def __init__(self, config: ActorConfig, model: torch.nn.Module | list[torch.nn.Module], optimizer: Any,
+    def __init__(self, config: PolicyUpdateConfig, model: torch.nn.Module | list[torch.nn.Module], optimizer: Any,
                  lr_scheduler: Any, groups: ParallelGroups, hf_config: Any):
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         if len(chunks) != 1:
@@ -247,7 +244,7 @@ class MegatronPPOActor(DataParallelPPOActor):
 
         seq_local = micros[0]["mc_input_ids"].shape[1]
         if self.groups.pp_size > 1 and len({len(m["mc_input_ids"]) for m in micros}) > 1:
-            raise ConfigError("actor.ppo_micro_batch_size_per_gpu", self.config.ppo_micro_batch_size_per_gpu,
+            raise ConfigError("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", self.config.ppo_micro_batch_size_per_gpu,
                               "must divide each rank's mini-batch (and batch) under pipeline parallelism: "
                               "stages exchange tensors of one micro-batch shape")
         forward_backward = get_forward_backward_func()
@@ -336,7 +333,7 @@ class MegatronPPOActor(DataParallelPPOActor):
         """
         from verl.workers.actor.megatron_grad_norms import megatron_traj_sq_grad_norms
 
-        method = self.config.grad_baselining.grad_norm_method
+        method = self.config.grad_norm_method
         objective = partial(_local_objective, self.groups, temperature)
         micros = self._micro_batches(mini)
         sq_norms = torch.cat([megatron_traj_sq_grad_norms(self.chunks[0], objective, _objective_inputs(micro),

@@ -1,7 +1,7 @@
 """Per-trajectory squared gradient norms for OPOB in the Megatron actor (trainer/actor step), under TP, SP, CP and PP.
 
 For trajectory i of a micro-batch, f_i = Σ_t ω_{i,t} m_{i,t} log π_θ(y_{i,t}) and OPOB needs ‖∇θ f_i‖²
-over every trainable parameter of the whole model (SPEC.md (ii)). Under Megatron each rank holds
+over every trainable parameter of the whole model (docs/vcpo.md, OPOB). Under Megatron each rank holds
 a piece of θ and a piece of each trajectory, and the pieces combine by two different rules:
 
 - a parameter SHARDED over TP (``tensor_model_parallel``: column/row weights, column biases, the

@@ -2,7 +2,7 @@
 
 The torch actor (``dp_actor``) and the Megatron actor call ``actor_policy_loss`` per micro-batch
 and ``prepare_minibatch`` once per mini-batch; the formulas live in ``core_algos``, this module
-only maps ``ActorConfig`` and batch keys onto them.
+only maps ``PolicyUpdateConfig`` and batch keys onto them.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import torch
 import torch.distributed as dist
 
 from verl.trainer.ppo.core_algos import compute_policy_loss, m2po_keep_mask, token_log_is_ratio
-from verl.workers.actor.config import ActorConfig
+from verl.workers.actor.config import PolicyUpdateConfig
 
 __all__ = ["FORWARD_KEYS", "actor_policy_loss", "prepare_minibatch", "required_batch_keys"]
 
 FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "responses")
 
 
-def required_batch_keys(config: ActorConfig) -> tuple[str, ...]:
+def required_batch_keys(config: PolicyUpdateConfig) -> tuple[str, ...]:
     """The ``data.batch`` keys ``update_policy`` needs under ``config``, in a stable order.
 
     Always the forward inputs, ``response_mask`` and ``advantages``; ``old_log_probs`` for
@@ -48,7 +48,7 @@ def required_batch_keys(config: ActorConfig) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
-def _anchor_log_prob(config: ActorConfig, micro: dict[str, torch.Tensor]) -> torch.Tensor | None:
+def _anchor_log_prob(config: PolicyUpdateConfig, micro: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The log-probs the ratio is taken against: old (recomputed) or rollout for ppo_clip/gspo, the
     proximal policy for decoupled_ppo, none for bypass (it anchors on the current log pi)."""
     mode = config.policy_loss.mode
@@ -60,7 +60,7 @@ def _anchor_log_prob(config: ActorConfig, micro: dict[str, torch.Tensor]) -> tor
 
 
 def _m2po_mask(
-    config: ActorConfig, batch: dict[str, torch.Tensor], current_log_prob: torch.Tensor | None,
+    config: PolicyUpdateConfig, batch: dict[str, torch.Tensor], current_log_prob: torch.Tensor | None,
     group: dist.ProcessGroup | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """M2PO's keep mask for pi = the old log-probs when recomputed (the weights at the start of the
@@ -71,7 +71,7 @@ def _m2po_mask(
 
 
 def prepare_minibatch(
-    config: ActorConfig,
+    config: PolicyUpdateConfig,
     mini: dict[str, torch.Tensor],
     current_log_prob: Callable[[], torch.Tensor],
     group: dist.ProcessGroup | None = None,
@@ -92,7 +92,7 @@ def prepare_minibatch(
 
 
 def actor_policy_loss(
-    config: ActorConfig,
+    config: PolicyUpdateConfig,
     micro: dict[str, torch.Tensor],
     log_prob: torch.Tensor,
     num_tokens: torch.Tensor,

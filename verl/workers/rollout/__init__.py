@@ -11,15 +11,15 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from verl.workers.rollout.base import GenerationRequest, RolloutEngine, SamplingParams, Trajectory
-from verl.workers.rollout.config import RolloutConfig, ValKwargs, VLLMConfig
+from verl.workers.rollout.config import RolloutConfig, ValKwargs
 from verl.workers.rollout.torch_engine import TorchRolloutEngine
 
 __all__ = ["GenerationRequest", "RolloutConfig", "RolloutEngine", "SamplingParams", "TorchRolloutEngine",
-           "Trajectory", "VLLMConfig", "ValKwargs", "build_rollout_engine"]
+           "Trajectory", "ValKwargs", "build_rollout_engine"]
 
 
 def build_rollout_engine(config: RolloutConfig, model: PreTrainedModel, tokenizer: Any,
-                         prefix: str = "rollout", model_path: str | None = None) -> RolloutEngine:
+                         prefix: str = "actor_rollout_ref.rollout", model_path: str | None = None) -> RolloutEngine:
     """The engine named by ``config.name`` over ``model`` (on the model's device).
 
     ``vllm`` loads its own copy of the weights from ``model_path`` (the directory ``model`` came
@@ -34,5 +34,5 @@ def build_rollout_engine(config: RolloutConfig, model: PreTrainedModel, tokenize
             return VLLMRolloutEngine.from_model(model, tokenizer, config)
         return VLLMRolloutEngine(model_path, tokenizer, config)
     device = next(model.parameters()).device
-    return TorchRolloutEngine(model, tokenizer, max_batch_size=config.max_batch_size,
+    return TorchRolloutEngine(model, tokenizer, max_batch_size=config.max_num_seqs,
                               max_seq_len=config.max_seq_len, seed=config.seed, device=device)

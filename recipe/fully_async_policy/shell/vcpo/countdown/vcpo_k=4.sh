@@ -1,39 +1,47 @@
 #!/usr/bin/env bash
-# Countdown, asynchronous VCPO with max lag k = 4 on the CPU default (what the README demo
-# runs): tiny Qwen2-architecture model, character tokenizer, cached SFT warm start, torch
-# engine and torch actor, one torch thread each so rollout and training overlap on 2 cores.
-# Partial rollouts on, bypass loss with sequence TIS (C = 8), ESS-scaled lr and the
-# off-policy optimal baseline; one optimizer step per weight sync.
-# Extra arguments are Hydra overrides, e.g. `trainer.total_training_steps=50 async_training.k=8`.
+# Countdown, asynchronous VCPO with max lag k = 4, on the CPU default (what `make demo` runs).
+#
+# task=countdown: the tiny Qwen2-architecture model (random init, character tokenizer), locally
+# generated problems, a cached SFT warm start, 16 prompts x 8 responses per step, lr 1e-4, the
+# torch engine and the torch actor, one torch thread each so rollout and training overlap.
+# method=vcpo: partial rollouts, bypass loss with sequence TIS (C = 8), the ESS-scaled lr and
+# the off-policy optimal baseline. This script adds only the run: lag, budget, names.
+#
+# Extra arguments are Hydra overrides, e.g.
+#   bash vcpo_k=4.sh trainer.total_training_steps=50 async_training.staleness_threshold=8
 set -euo pipefail
 cd "$(dirname "$0")/../../../../.."
 PYTHON=${PYTHON:-python}
 
-args=(
-  trainer.experiment_name=countdown_vcpo_k4
-  model.path=preset:tiny
-  data.train_batch_size=16
-  rollout.n=8
-  rollout.temperature=1.0
-  data.max_response_length=16
-  algorithm.adv_estimator=grpo
-  actor.ppo_mini_batch_size=128
-  actor.optim.lr=1e-4
-  actor.loss_agg_mode=seq-mean-token-mean
-  actor.policy_loss.mode=bypass
-  actor.policy_loss.tis_level=sequence
-  actor.policy_loss.tis_cap=8
-  actor.ess_scaling.enable=true
-  actor.ess_scaling.scaling_rule=sqrt
-  actor.grad_baselining.enable=true
-  actor.grad_baselining.scope=group
-  actor.grad_baselining.norm_by_std=true
-  async_training.k=4
-  async_training.partial_rollout=true
-  async_training.trigger_parameter_sync_step=1
-  trainer.total_training_steps=250
-  trainer.val_freq=25
-)
+# ================= Layout (processes on CPU) =================
+NNODES=1
+NGPUS_PER_NODE=2
+n_gpus_rollout=1
+n_gpus_training=$((NGPUS_PER_NODE - n_gpus_rollout))
 
-echo "+ $PYTHON -m verl.trainer.main_ppo ${args[*]} $*" >&2
-exec "$PYTHON" -m verl.trainer.main_ppo "${args[@]}" "$@"
+# ================= Lag =================
+staleness_threshold=4
+
+# ================= Steps =================
+total_training_steps=250
+test_freq=25
+
+# ================= Logging =================
+project_name=vcpo-rl
+experiment_name=countdown_vcpo_k4
+
+set -x
+exec "$PYTHON" -m recipe.fully_async_policy.fully_async_main \
+    --config-name=fully_async_ppo_trainer \
+    task=countdown \
+    method=vcpo \
+    async_training.staleness_threshold="${staleness_threshold}" \
+    trainer.total_training_steps="${total_training_steps}" \
+    trainer.test_freq="${test_freq}" \
+    trainer.project_name="${project_name}" \
+    trainer.experiment_name="${experiment_name}" \
+    trainer.nnodes="${NNODES}" \
+    trainer.n_gpus_per_node="${n_gpus_training}" \
+    rollout.nnodes="${NNODES}" \
+    rollout.n_gpus_per_node="${n_gpus_rollout}" \
+    "$@"

@@ -1,6 +1,19 @@
 #!/usr/bin/env bash
-# MATH, synchronous GRPO baseline (k = 0), GPU (vLLM engine, Megatron actor; see ../paper_gpu_common.sh).
-# Extra arguments are Hydra overrides, e.g. `trainer.total_training_steps=100`.
-source "$(dirname "$0")/_task.sh"
-# shellcheck disable=SC2046  # the helper prints space-separated overrides
-launch "${paper_common[@]}" "${task[@]}" trainer.experiment_name=math_synchronous $(synchronous) "$@"
+# MATH -> MATH-500, synchronous GRPO baseline (k = 0), as the release runs it: no partial
+# rollouts, old log-probs recomputed before each update, sequence IS (C = 8), no VCPO.
+# Qwen2.5-7B on one 8-GPU node by default: vLLM engines (TP=2) on 4 GPUs, the Megatron actor
+# (TP=4 + SP) on 4. Settings: configs/task/math.yaml and configs/method/sync_recompute.yaml;
+# paths (MODEL_PATH, TRAIN_FILE, TEST_FILE), layout (NNODES, NGPUS_PER_NODE, N_GPUS_ROLLOUT) and
+# budget: _common.sh. Extra arguments are Hydra overrides, e.g.
+# `trainer.total_training_steps=100`.
+set -euo pipefail
+source "$(dirname "$0")/_common.sh"
+
+# ================= Method and lag =================
+method=sync_recompute
+staleness_threshold=0
+
+# ================= Logging =================
+experiment_name=math_synchronous
+
+launch "$@"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from recipe.fully_async_policy.message_queue import MessageQueue
 from verl.protocol import DataProto
+from verl.trainer.fully_async.reorder_buffer import ReorderBuffer
 
 
 def _group(j: int) -> DataProto:
@@ -18,28 +18,28 @@ def _group(j: int) -> DataProto:
 
 
 def test_release_in_start_order_and_blocking_get():
-    queue = MessageQueue(capacity=6)
+    buffer = ReorderBuffer(capacity=6)
     for j in (3, 1, 5, 0):
-        queue.put(j, _group(j), {"m": float(j)})
-    batch, metrics, stats = queue.get_groups(0, 2, timeout_s=1.0)
+        buffer.put(j, _group(j), {"m": float(j)})
+    batch, metrics, stats = buffer.get_groups(0, 2, timeout_s=1.0)
     assert batch.batch["x"].squeeze(1).tolist() == [0, 0, 1, 1] and [m["m"] for m in metrics] == [0, 1]
     assert stats["queue/length_before_get"] == 4 and stats["queue/length_after_get"] == 2
-    assert queue.get_groups(2, 2, timeout_s=0.05) is None  # group 2 missing
-    threading.Timer(0.1, lambda: queue.put(2, _group(2))).start()
-    batch, _, _ = queue.get_groups(2, 2, timeout_s=5.0)
+    assert buffer.get_groups(2, 2, timeout_s=0.05) is None  # group 2 missing
+    threading.Timer(0.1, lambda: buffer.put(2, _group(2))).start()
+    batch, _, _ = buffer.get_groups(2, 2, timeout_s=5.0)
     assert list(batch.non_tensor_batch["uid"]) == ["g2", "g2", "g3", "g3"]
 
 
 def test_overflow_replay_and_out_of_order_get_raise():
-    queue = MessageQueue(capacity=2)
-    queue.put(0, _group(0))
-    queue.put(1, _group(1))
+    buffer = ReorderBuffer(capacity=2)
+    buffer.put(0, _group(0))
+    buffer.put(1, _group(1))
     with pytest.raises(RuntimeError, match="capacity 2"):
-        queue.put(2, _group(2))
+        buffer.put(2, _group(2))
     with pytest.raises(ValueError, match="next in order is 0"):
-        queue.get_groups(1, 1, timeout_s=0.01)
-    queue.get_groups(0, 1, timeout_s=0.01)
+        buffer.get_groups(1, 1, timeout_s=0.01)
+    buffer.get_groups(0, 1, timeout_s=0.01)
     with pytest.raises(ValueError, match="already delivered"):
-        queue.put(0, _group(0))
-    queue.reset(10)
-    assert queue.size() == 0 and queue.describe()["next"] == 10
+        buffer.put(0, _group(0))
+    buffer.reset(10)
+    assert buffer.size() == 0 and buffer.describe()["next"] == 10

@@ -1,6 +1,6 @@
 """The controller's handle on the rollout side: feeds prompts, takes bounded-lag batches, syncs weights.
 
-dataset -> [AsyncRolloutPipeline.feed] -> Rollouter replicas -> MessageQueue ->
+dataset -> [AsyncRolloutPipeline.feed] -> Rollouter replicas -> ReorderBuffer ->
 [AsyncRolloutPipeline.next_batch] -> trainer/actor -> [ParamSync] -> engines.
 
 The same object serves k = 0 (synchronous: the rollouter may only start a step's groups once
@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from recipe.fully_async_policy.message_queue import MessageQueue
-from recipe.fully_async_policy.param_sync import ParamSync
-from recipe.fully_async_policy.rollouter import Rollouter
-from recipe.fully_async_policy.staleness import check_lag_bound, staleness_metrics
 from verl.protocol import DataProto, to_object_array
 from verl.trainer.config import TrainerConfig
+from verl.trainer.fully_async.param_sync import ParamSync
+from verl.trainer.fully_async.reorder_buffer import ReorderBuffer
+from verl.trainer.fully_async.rollouter import Rollouter
+from verl.trainer.fully_async.staleness import check_lag_bound, staleness_metrics
 from verl.utils.dataset.rl_dataset import PromptSampler, RLDataset, collate_prompts
 
 _POLL_S = 1.0
@@ -32,32 +32,35 @@ def group_uid(group_index: int, dataset_index: int) -> str:
 
 
 class AsyncRolloutPipeline:
-    """Owns the MessageQueue and Rollouter actors and the prompt feed.
+    """Owns the ReorderBuffer and Rollouter actors and the prompt feed.
 
     Group j (0-based, in sampler order) goes to replica j mod R and is trained at step
-    floor(j / G) + 1, G = data.train_batch_size * async_training.require_batches.
+    floor(j / G) + 1, G = ``TrainerConfig.prompts_per_step``.
     """
 
     def __init__(self, config: TrainerConfig, model_path: str, dataset: RLDataset, sampler: PromptSampler,
                  pad_token_id: int, num_threads: int, cpu_share: float, env: dict[str, Any]):
         self.config = config
         self.at = config.async_training
-        self.batch_size = config.data.train_batch_size
-        self.groups_per_step = self.at.groups_per_step(self.batch_size)
+        self.batch_size = config.prompts_per_step  # the sampler's batch: one trainer step's prompts
+        self.groups_per_step = config.prompts_per_step
         self.dataset, self.sampler, self.pad_token_id = dataset, sampler, pad_token_id
         self._next_to_feed = 0
         self._sampler_states: dict[int, dict[str, Any]] = {}
-        self.queue = ray.remote(num_cpus=0, max_concurrency=4)(MessageQueue).remote(
-            self.at.queue_capacity(self.batch_size))
-        worker_kwargs = dict(model_path=model_path, rollout_config=config.rollout,
+        self.queue = ray.remote(num_cpus=0, max_concurrency=4)(ReorderBuffer).remote(
+            self.at.queue_capacity(self.groups_per_step))
+        rollout = config.actor_rollout_ref.rollout
+        worker_kwargs = dict(model_path=model_path, rollout_config=rollout,
                              max_prompt_length=config.data.max_prompt_length,
-                             reward_timeout_s=config.reward.timeout_s, num_threads=num_threads,
-                             dtype=config.model.dtype, device=config.trainer.device)
+                             reward_timeout_s=config.reward_model.timeout_s,
+                             reward_startup_timeout_s=config.reward_model.startup_timeout_s, num_threads=num_threads,
+                             dtype=rollout.dtype, device=config.trainer.device)
         rollouter_cls = ray.remote(num_cpus=cpu_share, max_concurrency=4, runtime_env=env)(Rollouter)
         self.rollouters = [
             rollouter_cls.remote(worker_kwargs, self.queue, self.at.k, self.groups_per_step,
-                                 self.at.partial_rollout, config.trainer.seed, self.at.test_rollout_delay_max_s, r)
-            for r in range(self.at.num_rollout_replicas)
+                                 self.at.partial_rollout, config.trainer.seed, self.at.test_rollout_delay_max_s, r,
+                                 self.at.bsz_per_dp_rank)
+            for r in range(config.num_rollout_replicas)
         ]
         self.param_sync: ParamSync | None = None
         self._last_stats: list[dict[str, float]] = []
@@ -70,7 +73,7 @@ class AsyncRolloutPipeline:
         at that step's first group. ``weight_sources`` are all actor ranks, rank 0 first. A
         resumed run syncs its weights before the first group starts."""
         self.param_sync = ParamSync(weight_sources, self.rollouters, self.at.param_sync_backend,
-                                    self.config.trainer.device, self.at.queue_timeout_s)
+                                    self.config.trainer.device, self.at.param_sync_timeout_s)
         self.param_sync.open()
         first = start_step * self.groups_per_step
         self._next_to_feed = first

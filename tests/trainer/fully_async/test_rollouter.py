@@ -10,9 +10,9 @@ import numpy as np
 import ray
 import torch
 
-from recipe.fully_async_policy.message_queue import MessageQueue
-from recipe.fully_async_policy.rollouter import Rollouter
 from verl.models.loader import load_model_and_tokenizer
+from verl.trainer.fully_async.reorder_buffer import ReorderBuffer
+from verl.trainer.fully_async.rollouter import Rollouter
 from verl.utils.dataset.rl_dataset import RLDataset, collate_prompts
 from verl.workers.rollout.config import RolloutConfig
 
@@ -29,10 +29,10 @@ def _response_logprobs(model, prompt: list[int], response: list[int]) -> torch.T
 
 def test_partial_rollout_logprobs_match_the_version_that_sampled_each_token(pipeline_assets, ray_cluster):
     torch.manual_seed(0)
-    rollout = RolloutConfig(n=N, max_new_tokens=MAX_NEW, max_seq_len=96, max_batch_size=64)
+    rollout = RolloutConfig(n=N, prompt_length=32, response_length=MAX_NEW, max_model_len=96, max_num_seqs=64)
     worker_kwargs = dict(model_path=pipeline_assets["model"], rollout_config=rollout, max_prompt_length=32,
                          reward_timeout_s=5.0, num_threads=1)
-    queue = ray.remote(num_cpus=0, max_concurrency=4)(MessageQueue).remote(NUM_GROUPS)
+    queue = ray.remote(num_cpus=0, max_concurrency=4)(ReorderBuffer).remote(NUM_GROUPS)
     rollouter = Rollouter(worker_kwargs, queue, k=10, groups_per_step=NUM_GROUPS, partial_rollout=True, seed=3)
 
     model_v0, tokenizer = load_model_and_tokenizer(pipeline_assets["model"])

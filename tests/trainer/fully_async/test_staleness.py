@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from recipe.fully_async_policy.staleness import (
+from verl.trainer.fully_async.staleness import (
     admission_limit,
     check_lag_bound,
     consumption_step,

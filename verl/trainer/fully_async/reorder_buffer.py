@@ -1,6 +1,6 @@
-"""The queue between rollouter and trainer: a reorder buffer that releases groups in start order.
+"""The reorder buffer between rollouter and trainer: groups keyed by start index, released in start order.
 
-rollouter --put(j, group)--> [MessageQueue] --get_groups(first, count)--> trainer.
+rollouter --put(j, group)--> [ReorderBuffer] --get_groups(first, count)--> trainer.
 
 Groups finish out of order (short responses first, several replicas); releasing them in the
 order they were started is what makes the lag bound of ``staleness.py`` hold: group j is
@@ -17,7 +17,7 @@ from typing import Any
 from verl.protocol import DataProto
 
 
-class MessageQueue:
+class ReorderBuffer:
     """Finished groups keyed by start index; at most ``capacity`` held at once.
 
     Admission control bounds the finished-but-untrained groups by (k + 1) G, so a ``put``
@@ -27,7 +27,7 @@ class MessageQueue:
 
     def __init__(self, capacity: int):
         if capacity < 1:
-            raise ValueError(f"MessageQueue: capacity must be >= 1, got {capacity}")
+            raise ValueError(f"ReorderBuffer: capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self._groups: dict[int, tuple[DataProto, dict[str, float]]] = {}
         self._next = 0  # the next group index the trainer will take
@@ -42,13 +42,13 @@ class MessageQueue:
             self._cv.notify_all()
 
     def put(self, group_index: int, group: DataProto, metrics: dict[str, float] | None = None) -> int:
-        """Store a finished group; returns the queue length after the put."""
+        """Store a finished group; returns how many groups it holds after the put."""
         with self._cv:
             if group_index < self._next or group_index in self._groups:
-                raise ValueError(f"MessageQueue.put: group {group_index} was already delivered or taken "
+                raise ValueError(f"ReorderBuffer.put: group {group_index} was already delivered or taken "
                                  f"(next expected {self._next})")
             if len(self._groups) >= self.capacity:
-                raise RuntimeError(f"MessageQueue.put: {len(self._groups)} groups already held, capacity "
+                raise RuntimeError(f"ReorderBuffer.put: {len(self._groups)} groups already held, capacity "
                                    f"{self.capacity}; admission control should make this impossible")
             self._groups[group_index] = (group, dict(metrics or {}))
             self._max_size = max(self._max_size, len(self._groups))
@@ -58,12 +58,12 @@ class MessageQueue:
     def get_groups(self, first: int, count: int, timeout_s: float) -> tuple[DataProto, list[dict[str, float]], dict[str, float]] | None:
         """Take groups ``first .. first + count - 1`` once all are present (``first`` must be the
         next undelivered index); None after ``timeout_s`` without them. Returns the concatenated
-        batch (groups in start order), each group's rollout metrics, and queue metrics."""
+        batch (groups in start order), each group's rollout metrics, and the buffer's ``queue/*`` metrics."""
         deadline = time.monotonic() + timeout_s
         wanted = range(first, first + count)
         with self._cv:
             if first != self._next:
-                raise ValueError(f"MessageQueue.get_groups: asked for group {first}, next in order is {self._next}")
+                raise ValueError(f"ReorderBuffer.get_groups: asked for group {first}, next in order is {self._next}")
             while not all(j in self._groups for j in wanted):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

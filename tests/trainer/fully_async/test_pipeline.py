@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-from tests.recipe.fully_async_policy.conftest import small_config
+from tests.trainer.fully_async.conftest import small_config
 from verl.trainer.main_ppo import run
 from verl.utils.tracking import read_metrics
 
@@ -29,11 +29,13 @@ def _ledger(run_dir) -> list[dict]:
 
 def _run(assets, run_dir, k: int, partial: bool, rollout_delay: float, train_delay: float, replicas: int = 1):
     run(small_config(
-        assets, run_dir, f"async_training.k={k}", f"async_training.partial_rollout={str(partial).lower()}",
-        f"async_training.num_rollout_replicas={replicas}",
+        assets, run_dir, f"async_training.staleness_threshold={k}",
+        f"async_training.partial_rollout={str(partial).lower()}", f"rollout.n_gpus_per_node={replicas}",
         f"async_training.test_rollout_delay_max_s={rollout_delay}",
         f"async_training.test_train_delay_max_s={train_delay}",
-        "actor.recompute_old_log_prob=true", f"trainer.total_training_steps={STEPS}", "trainer.save_freq=0",
+        # Recompute the old log-probs (PPO clip, no IS correction) so the ledger records each log w.
+        "async_training.skip_recompute_old_log_prob=false", "algorithm.rollout_correction.rollout_is=null",
+        f"trainer.total_training_steps={STEPS}", f"trainer.save_freq={STEPS}",
     ))
     return _ledger(run_dir)
 

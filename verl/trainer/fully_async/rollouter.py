@@ -1,6 +1,6 @@
 """The rollouter: one engine replica generating prompt groups in the background, under admission control.
 
-dataset prompts (fed by the controller) -> [Rollouter: engine + reward] -> MessageQueue -> trainer;
+dataset prompts (fed by the controller) -> [Rollouter: engine + reward] -> ReorderBuffer -> trainer;
 ParamSync -> ``update_weights`` (object store) or ``receive_weights`` (collective weight
 channel). Runs as a threaded Ray actor: the generation loop lives in
 a background thread, so ``update_weights``, ``submit``, ``validate`` and ``stats`` are served
@@ -18,8 +18,8 @@ from typing import Any
 import ray
 import torch
 
-from recipe.fully_async_policy.staleness import admission_limit
 from verl.protocol import DataProto
+from verl.trainer.fully_async.staleness import admission_limit
 from verl.utils.weight_channel import WeightChannel
 from verl.workers.rollout.base import GenerationRequest, Trajectory
 from verl.workers.rollout_worker import RolloutWorker, request_seed
@@ -45,12 +45,15 @@ class Rollouter:
     """
 
     def __init__(self, worker_kwargs: dict[str, Any], queue: Any, k: int, groups_per_step: int,
-                 partial_rollout: bool, seed: int, delay_max_s: float = 0.0, replica_rank: int = 0):
+                 partial_rollout: bool, seed: int, delay_max_s: float = 0.0, replica_rank: int = 0,
+                 max_groups_in_flight: int | None = None):
         self.worker = RolloutWorker(**worker_kwargs)
         self.engine = self.worker.engine
         self.queue = queue
         self.k, self.groups_per_step, self.partial_rollout = k, groups_per_step, partial_rollout
         self.seed = seed
+        # async_training.bsz_per_dp_rank: prompt groups one generate call may hold (None: no cap).
+        self.max_groups_in_flight = max_groups_in_flight
         self.delay_max_s = delay_max_s
         self._delay_rng = random.Random(seed * 7_919 + replica_rank)
         self._cv = threading.Condition()
@@ -193,9 +196,13 @@ class Rollouter:
                 admissible = sorted(j for j in self._pending if j < limit)
                 if admissible:
                     batch_of_first = admissible[0] // self.groups_per_step
+                    in_flight = len({j for j, _ in keys})
                     for j in admissible:
                         if j // self.groups_per_step != batch_of_first:
                             break
+                        if self.max_groups_in_flight is not None and in_flight >= self.max_groups_in_flight:
+                            break
+                        in_flight += 1
                         prompt = self._pending.pop(j)
                         group = _Group(prompt, self.worker.make_requests(prompt, "train", self.seed)[0])
                         self._started[j] = group

@@ -1,0 +1,1 @@
+"""The fully-async pipeline: Rollouter -> ReorderBuffer -> trainer -> ParamSync, lag bounded by k."""
