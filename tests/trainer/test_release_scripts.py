@@ -105,7 +105,8 @@ class Values(dict):
 def prompts_per_step(v: Values) -> int:
     """Release: ``required_samples = ppo_mini_batch_size * require_batches`` prompts per trainer step
     when ``data.train_batch_size=0``."""
-    return v["data.train_batch_size"] or v[f"{ACTOR}.ppo_mini_batch_size"] * v["async_training.require_batches"]
+    mini, batches = v[f"{ACTOR}.ppo_mini_batch_size"], v["async_training.require_batches"]
+    return v["data.train_batch_size"] or mini * batches
 
 
 def release_loss(v: Values) -> tuple[str, bool]:
@@ -176,6 +177,13 @@ def rollout_replicas(v: Values) -> int:
     return v["rollout.nnodes"] * v["rollout.n_gpus_per_node"] // v[f"{ROLLOUT}.tensor_model_parallel_size"]
 
 
+def vllm_kwarg(name: str) -> tuple[Actual, Expected]:
+    """Stored, and passed to vLLM as given: the release passes it explicitly (vllm_async_server.py),
+    False included, so vLLM's own default never applies."""
+    return (lambda c: (getattr(c.rollout_cfg, name), _scheduler_kwargs(c.rollout_cfg).get(name))), \
+        (lambda x, v: (x, x))
+
+
 def ref(name: str) -> tuple[Actual, Expected]:
     return stored_and_noted(f"{ARR}.ref.{name}", f"{ARR}.ref.*")
 
@@ -195,7 +203,8 @@ MEANING: dict[str, tuple[Actual, Expected]] = {
         lambda x, v: (x, x, v["data.max_prompt_length"] + x)),
     "data.train_batch_size": (lambda c: (c.data.train_batch_size, c.prompts_per_step),
                               lambda x, v: (x, prompts_per_step(v))),
-    "data.gen_batch_size": stored_and_noted("data.gen_batch_size", "data.gen_batch_size", lambda x, v: x != 1),
+    "data.gen_batch_size": stored_and_noted("data.gen_batch_size", "data.gen_batch_size",
+                                            lambda x, v: x != 1),
     "data.return_raw_chat": stored_and_noted("data.return_raw_chat", "data.return_raw_chat", lambda x, v: x),
     "data.filter_overlong_prompts": stored("data.filter_overlong_prompts"),
     "data.filter_overlong_prompts_workers": stored_and_noted(
@@ -212,7 +221,8 @@ MEANING: dict[str, tuple[Actual, Expected]] = {
         lambda c: (c.algorithm.rollout_correction.rollout_rs, c.policy_loss_spec().rejection_level,
                    c.policy_loss_spec().m2po),
         lambda x, v: (x, "none", False) if x is None else (x, x, False)),
-    "algorithm.rollout_correction.rollout_rs_threshold": stored("algorithm.rollout_correction.rollout_rs_threshold"),
+    "algorithm.rollout_correction.rollout_rs_threshold": stored(
+        "algorithm.rollout_correction.rollout_rs_threshold"),
     # ---- critic: accepted and unused (GRPO has no critic), as in veRL
     "critic.strategy": stored_and_noted("critic.strategy", "critic.*"),
     "critic.megatron.tensor_model_parallel_size": critic_megatron("tensor_model_parallel_size"),
@@ -223,10 +233,11 @@ MEANING: dict[str, tuple[Actual, Expected]] = {
     # ---- model
     f"{ARR}.hybrid_engine": stored(f"{ARR}.hybrid_engine"),
     f"{ARR}.model.path": stored(f"{ARR}.model.path"),
-    f"{ARR}.model.use_remove_padding": stored_and_noted(f"{ARR}.model.use_remove_padding", "use_remove_padding",
-                                                        lambda x, v: x),
+    f"{ARR}.model.use_remove_padding": stored_and_noted(f"{ARR}.model.use_remove_padding",
+                                                        "use_remove_padding", lambda x, v: x),
     # ---- actor: what update_policy runs with
-    f"{ACTOR}.strategy": (lambda c: (c.actor.strategy, c.policy_update_config().strategy), lambda x, v: (x, x)),
+    f"{ACTOR}.strategy": (lambda c: (c.actor.strategy, c.policy_update_config().strategy),
+                          lambda x, v: (x, x)),
     f"{ACTOR}.ppo_mini_batch_size": (update("ppo_mini_batch_size"), lambda x, v: x * v[f"{ROLLOUT}.n"]),
     f"{ACTOR}.ppo_micro_batch_size_per_gpu": (update("ppo_micro_batch_size_per_gpu"), same),
     f"{ACTOR}.use_dynamic_bsz": stored(f"{ACTOR}.use_dynamic_bsz"),
@@ -240,12 +251,14 @@ MEANING: dict[str, tuple[Actual, Expected]] = {
         f"{ACTOR}.kl_loss_coef", f"{ACTOR}.kl_loss_coef",
         lambda x, v: not v[f"{ACTOR}.use_kl_loss"] and x != ActorConfig().kl_loss_coef),
     f"{ACTOR}.use_rollout_log_probs": stored(f"{ACTOR}.use_rollout_log_probs"),
-    f"{ACTOR}.update_policy_per_traj": (update("grad_norm_method"), lambda x, v: "per_traj" if x else "batched"),
+    f"{ACTOR}.update_policy_per_traj": (update("grad_norm_method"),
+                                        lambda x, v: "per_traj" if x else "batched"),
     f"{ACTOR}.optim.lr": (update("optim.lr"), same),
     f"{ACTOR}.optim.lr_warmup_steps": (update("optim.lr_warmup_steps"), same),
     f"{ACTOR}.optim.lr_decay_style": (update("optim.lr_decay_style"), same),
     f"{ACTOR}.optim.lr_decay_steps": (
-        lambda c: c.policy_update_config().optim.decay_steps(c.total_training_steps(num_train_prompts=10**9)), same),
+        lambda c: c.policy_update_config().optim.decay_steps(c.total_training_steps(num_train_prompts=10**9)),
+        same),
     f"{ACTOR}.optim.weight_decay": (update("optim.weight_decay"), same),
     f"{ACTOR}.optim.clip_grad": (update("grad_clip"), same),
     **{f"{ACTOR}.ess_scaling.{name}": (update(f"ess_scaling.{name}"), same)
@@ -274,7 +287,8 @@ MEANING: dict[str, tuple[Actual, Expected]] = {
                     "megatron.use_remove_padding", "megatron.param_offload", "log_prob_use_dynamic_bsz",
                     "log_prob_micro_batch_size_per_gpu")},
     # ---- rollout engine and sampling
-    f"{ROLLOUT}.n": (lambda c: (c.rollout_cfg.n, c.trajectories_per_step), lambda x, v: (x, prompts_per_step(v) * x)),
+    f"{ROLLOUT}.n": (lambda c: (c.rollout_cfg.n, c.trajectories_per_step),
+                     lambda x, v: (x, prompts_per_step(v) * x)),
     f"{ROLLOUT}.name": stored(f"{ROLLOUT}.name"),
     f"{ROLLOUT}.mode": stored_and_noted(f"{ROLLOUT}.mode", f"{ROLLOUT}.mode", lambda x, v: x == "sync"),
     f"{ROLLOUT}.tensor_model_parallel_size": (
@@ -283,13 +297,8 @@ MEANING: dict[str, tuple[Actual, Expected]] = {
     # GPU-only knobs: the values the vLLM engine is built with (the CPU tests start no GPU engine).
     f"{ROLLOUT}.gpu_memory_utilization": stored(f"{ROLLOUT}.gpu_memory_utilization"),
     f"{ROLLOUT}.dtype": stored(f"{ROLLOUT}.dtype"),
-    # The release passes both to vLLM explicitly (vllm_async_server.py), False included.
-    f"{ROLLOUT}.enable_chunked_prefill": (
-        lambda c: (c.rollout_cfg.enable_chunked_prefill, _scheduler_kwargs(c.rollout_cfg).get("enable_chunked_prefill")),
-        lambda x, v: (x, x)),
-    f"{ROLLOUT}.max_num_batched_tokens": (
-        lambda c: (c.rollout_cfg.max_num_batched_tokens, _scheduler_kwargs(c.rollout_cfg).get("max_num_batched_tokens")),
-        lambda x, v: (x, x)),
+    f"{ROLLOUT}.enable_chunked_prefill": vllm_kwarg("enable_chunked_prefill"),
+    f"{ROLLOUT}.max_num_batched_tokens": vllm_kwarg("max_num_batched_tokens"),
     f"{ROLLOUT}.temperature": (lambda c: c.rollout_cfg.sampling_params().temperature, same),
     f"{ROLLOUT}.top_p": (lambda c: c.rollout_cfg.sampling_params().top_p, same),
     f"{ROLLOUT}.top_k": (lambda c: c.rollout_cfg.sampling_params().top_k, same),
@@ -338,8 +347,8 @@ MEANING: dict[str, tuple[Actual, Expected]] = {
         lambda x, v: (x, min(x, v["rollout.total_rollout_steps"] // prompts_per_step(v)))),
     "rollout.test_freq": (attrgetter("val_freq"), same),
     # ---- async_training
-    "async_training.staleness_threshold": (lambda c: (c.async_training.staleness_threshold, c.async_training.k),
-                                           lambda x, v: (x, int(x))),
+    "async_training.staleness_threshold": (
+        lambda c: (c.async_training.staleness_threshold, c.async_training.k), lambda x, v: (x, int(x))),
     "async_training.trigger_parameter_sync_step": stored("async_training.trigger_parameter_sync_step"),
     "async_training.require_batches": (attrgetter("prompts_per_step"), lambda x, v: prompts_per_step(v)),
     "async_training.partial_rollout": stored("async_training.partial_rollout"),
@@ -409,7 +418,8 @@ def audit(stem: str) -> Audit:
         if got == want:
             result.honoured.add(key)
         else:
-            result.discrepancies[key] = f"release value {script.values[key]!r}: expected {want!r}, resolved {got!r}"
+            result.discrepancies[key] = (f"release value {script.values[key]!r}: "
+                                         f"expected {want!r}, resolved {got!r}")
     return result
 
 
@@ -453,8 +463,8 @@ def test_at_least_117_of_the_123_keys_are_honoured_by_every_script_that_sets_the
     honoured = fixture_keys() - not_honoured
     counts = {a.script.stem: (len(a.honoured), len(a.refused), len(a.discrepancies)) for a in audits}
     assert len(honoured) >= MIN_HONOURED_KEYS, (
-        f"{len(honoured)}/{NUM_DISTINCT_KEYS} honoured; (honoured, refused, discrepant) per script: {counts}; "
-        f"not honoured: {sorted(not_honoured)}")
+        f"{len(honoured)}/{NUM_DISTINCT_KEYS} honoured; (honoured, refused, discrepant) per script: "
+        f"{counts}; not honoured: {sorted(not_honoured)}")
 
 
 # The release's values of keys no script sets, where ours would change what the run does.
@@ -469,15 +479,19 @@ def test_keys_the_scripts_leave_unset_keep_the_releases_values():
     wrong = {}
     for stem in STEMS:
         script = read_script(stem)
-        overrides = [o for o in script.overrides if key_of(o) not in MISSING_FEATURES and key_of(o) not in audit(stem).discrepancies]
-        overrides = [f"{k}={INVALID_IN_RELEASE[stem, k]}" if (stem, k) in INVALID_IN_RELEASE else o
-                     for o, k in ((o, key_of(o)) for o in overrides)]
+        # The script as the audit loaded it: refused and discrepant keys out, invalid layouts fixed.
+        dropped = MISSING_FEATURES.keys() | audit(stem).discrepancies.keys()
+        fixes = {key: value for (s, key), value in INVALID_IN_RELEASE.items() if s == stem}
+        overrides = [f"{key_of(o)}={fixes[key_of(o)]}" if key_of(o) in fixes else o
+                     for o in script.overrides if key_of(o) not in dropped]
         config = load_config(overrides, script.config_name)
         for key, release_value in UNSET_KEYS_RELEASE_VALUES.items():
             assert key not in script.keys
-            if attrgetter(key)(config) != release_value:
-                wrong.setdefault(key, (release_value, attrgetter(key)(config), []))[2].append(stem)
-    assert not wrong, {key: f"release {r!r}, resolved {got!r} in {stems}" for key, (r, got, stems) in wrong.items()}
+            got = attrgetter(key)(config)
+            if got != release_value:
+                wrong.setdefault(f"{key}: release {release_value!r}, resolved {got!r} in", []).append(stem)
+    if wrong:
+        pytest.fail("\n".join(f"{what} {', '.join(stems)}" for what, stems in wrong.items()), pytrace=False)
 
 
 # ------------------------------------------------------------------------------ bad keys
