@@ -41,7 +41,7 @@ def vcpo_config(**overrides) -> PolicyUpdateConfig:
         strategy="megatron", ppo_mini_batch_size=N, ppo_micro_batch_size_per_gpu=2,
         log_prob_micro_batch_size_per_gpu=2, grad_clip=CLIP,
         policy_loss=PolicyLossSpec(mode="bypass", tis_level="sequence", tis_cap=CAP),
-        optim=OptimConfig(lr=LR),
+        optim=OptimConfig(lr=LR, weight_decay=0.0),  # the torch reference runs plain SGD
         ess_scaling=ESSScalingConfig(enable=True),
         grad_baselining=GradBaseliningConfig(enable=True, scope="group", norm_by_std=True),
     )
