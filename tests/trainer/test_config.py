@@ -139,7 +139,8 @@ def test_megatron_tp_against_the_model_heads_fails_before_ray(tmp_path):
     model_path = prepare_model(config)
     with pytest.raises(ConfigError) as err:
         check_model_layout(config, model_path)
-    assert "num_key_value_heads" in err.value.key and "tensor_model_parallel_size=4" in str(err.value)
+    assert err.value.key == f"{ARR}.actor.megatron.tensor_model_parallel_size" and err.value.value == 4
+    assert "num_key_value_heads=2" in str(err.value)
     # TP = 2 divides both: the layout passes.
     ok = load_config([f"{ARR}.actor.strategy=megatron", f"{ARR}.actor.megatron.tensor_model_parallel_size=2",
                       "trainer.n_gpus_per_node=2", f"{ARR}.model.warm_start.enable=false"])

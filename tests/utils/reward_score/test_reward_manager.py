@@ -104,7 +104,7 @@ def test_length_mismatch_and_bad_timeout_are_rejected(scorer):
         RewardManager(compute_score=scorer).score(["x"], ["a", "b"], ["a"])
     with pytest.raises(ConfigError) as info:
         RewardManager(timeout_s=0.0)
-    assert info.value.key == "reward.timeout_s"
+    assert info.value.key == "reward_model.timeout_s"
     with pytest.raises(Exception, match="pickle|attribute|lambda|local"):
         RewardManager(compute_score=lambda *args: 1.0)
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from pydantic import PositiveInt
 
-from verl.utils.config import ConfigError, check_divisible, config_section
+from verl.utils.config import ConfigError, config_section
 from verl.utils.megatron.cpu_compat import enable_cpu_compat, seed_cpu_rng_tracker
 
 
@@ -59,15 +59,18 @@ class MegatronParallelConfig:
                               f"must be divisible by tp*pp*cp = {tp}*{pp}*{cp} = {self.model_parallel_size}")
         if hf_config is None:
             return
-        check_divisible("actor_rollout_ref.model.path: num_attention_heads", hf_config.num_attention_heads, tp,
-                        f"{prefix}.tensor_model_parallel_size")
         num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-        check_divisible("actor_rollout_ref.model.path: num_key_value_heads", num_kv_heads, tp, f"{prefix}.tensor_model_parallel_size")
-        check_divisible("actor_rollout_ref.model.path: num_hidden_layers", hf_config.num_hidden_layers, pp,
-                        f"{prefix}.pipeline_model_parallel_size")
         # Vocab-parallel embedding and output layer split the rows evenly; no padding rows are
         # added, so the HF <-> Megatron conversion stays exact.
-        check_divisible("actor_rollout_ref.model.path: vocab_size", hf_config.vocab_size, tp, f"{prefix}.tensor_model_parallel_size")
+        for what, count, size_key, size in (
+            ("num_attention_heads", hf_config.num_attention_heads, "tensor_model_parallel_size", tp),
+            ("num_key_value_heads", num_kv_heads, "tensor_model_parallel_size", tp),
+            ("vocab_size", hf_config.vocab_size, "tensor_model_parallel_size", tp),
+            ("num_hidden_layers", hf_config.num_hidden_layers, "pipeline_model_parallel_size", pp),
+        ):
+            if count % size:
+                raise ConfigError(f"{prefix}.{size_key}", size,
+                                  f"must divide the model's {what}={count} (actor_rollout_ref.model.path)")
 
     def data_parallel_size(self, world_size: int) -> int:
         """Number of data-parallel replicas (each with its own slice of the batch): world / (tp*pp*cp)."""
