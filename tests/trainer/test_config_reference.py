@@ -130,11 +130,9 @@ UNUSED_BY_DESIGN = {
     "data.filter_overlong_prompts_workers": "prompts are filtered in-process; a start-up note says so",
     "data.return_raw_chat": "prompts are tokenized once by the dataset; a start-up note says so",
     "async_training.use_rollout_log_probs": "behaviour log-probs always come from the engine; false is refused",
-    "async_training.compute_prox_log_prob": "old log-probs are recomputed whenever bypass is off; a start-up note says so",
     "custom_reward_function.*": "custom scorers are not in this build; a path is refused",
     "reward_model.enable": "rewards are rule-based; true is refused",
     "reward_model.reward_manager": "one manager, 'naive' (scored one by one by data_source); the only value allowed",
-    "trainer.rollout_data_dir": "per-step rollout dumps are not in this build; a path is refused",
     "trainer.log_val_generations": "logging validation generations is not in this build; > 0 is refused",
 }
 

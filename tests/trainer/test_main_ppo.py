@@ -7,6 +7,7 @@ message naming the file, row or key.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +22,7 @@ from verl.utils.tracking import read_metrics
 ARR = "actor_rollout_ref"
 
 # Compared between runs: what the rollout produced, what the actor computed, and validation.
-COMPARED = ("critic/score/mean", "response_length/mean", "actor/pg_loss", "actor/grad_norm", "val/greedy_acc")
+COMPARED = ("batch/score/mean", "response_length/mean", "actor/pg_loss", "actor/grad_norm", "val/greedy_acc")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,9 @@ def test_megatron_tp2_async_run_syncs_every_step_and_matches_torch_actor(assets,
     parallelism) completes with weights synced to the engine after every step, and its first step
     (trajectories of version 0 in either run) computes what the torch actor computes."""
     megatron_dir, torch_dir = tmp_path / "megatron", tmp_path / "torch"
-    run(_config(assets, megatron_dir, *MEGATRON_TP2, *VCPO_ASYNC, "trainer.total_training_steps=4"))
+    dumps = tmp_path / "rollouts"
+    run(_config(assets, megatron_dir, *MEGATRON_TP2, *VCPO_ASYNC, "trainer.total_training_steps=4",
+                f"trainer.rollout_data_dir={dumps}"))
     run(_config(assets, torch_dir, *VCPO_ASYNC, "trainer.total_training_steps=1"))
     steps = _by_step(megatron_dir)
     assert sorted(s for s in steps if s > 0) == [1, 2, 3, 4]
@@ -146,6 +149,14 @@ def test_megatron_tp2_async_run_syncs_every_step_and_matches_torch_actor(assets,
         assert steps[step]["staleness/start_lag_max"] <= 2
     assert max(steps[s]["staleness/start_lag_max"] for s in steps) >= 1  # the run really overlapped
     first_torch = _by_step(torch_dir)[1]
-    for key in ("actor/pg_loss", "actor/grad_norm", "actor/ess_ratio", "actor/lr_scale", "critic/score/mean"):
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/ess_ratio", "actor/lr_scale", "batch/score/mean"):
         assert steps[1][key] == pytest.approx(first_torch[key], rel=1e-4, abs=1e-6), key
     assert steps[1]["actor/grad_norm"] > 0
+    # trainer.rollout_data_dir: one JSONL per step, one line per trained trajectory, whose scores
+    # and lags are the step's logged statistics.
+    for step in (1, 2, 3, 4):
+        rows = [json.loads(line) for line in (dumps / f"{step}.jsonl").read_text().splitlines()]
+        assert len(rows) == steps[step]["rollout/num_trajectories"]
+        assert sum(r["score"] for r in rows) / len(rows) == pytest.approx(steps[step]["batch/score/mean"], abs=1e-6)
+        assert max(r["lag"] for r in rows) == steps[step]["staleness/start_lag_max"]
+        assert all(r["step"] == step and r["input"] and isinstance(r["output"], str) for r in rows)

@@ -13,18 +13,18 @@ from verl.utils.tracking import Tracking, read_metrics
 
 def test_jsonl_and_tensorboard_receive_the_same_numbers(tmp_path):
     tracker = Tracking(tmp_path, ["jsonl", "tensorboard"], total_steps=2)
-    tracker.log({"critic/score/mean": 0.25, "actor/grad_norm": 1.5, "note": "text is skipped"}, step=1)
-    tracker.log({"val/greedy_acc": 0.5, "critic/score/mean": 0.75, "time/wall_s": 3.0}, step=2)
+    tracker.log({"batch/score/mean": 0.25, "actor/grad_norm": 1.5, "note": "text is skipped"}, step=1)
+    tracker.log({"val/greedy_acc": 0.5, "batch/score/mean": 0.75, "time/wall_s": 3.0}, step=2)
     tracker.close()
 
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0] == {"step": 1, "critic/score/mean": 0.25, "actor/grad_norm": 1.5}
+    assert lines[0] == {"step": 1, "batch/score/mean": 0.25, "actor/grad_norm": 1.5}
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("critic/score/mean")] == [(1, 0.25), (2, 0.75)]
+    assert [(e.step, e.value) for e in events.Scalars("batch/score/mean")] == [(1, 0.25), (2, 0.75)]
 
 
 def test_resumed_steps_merge_and_nonfinite_values_survive(tmp_path):
@@ -44,8 +44,8 @@ def test_resumed_steps_merge_and_nonfinite_values_survive(tmp_path):
 def test_report_table_lists_validation_points(tmp_path):
     tracker = Tracking(tmp_path, ["jsonl"])
     tracker.log({"val/greedy_acc": 0.2, "time/wall_s": 0.0}, step=0)
-    tracker.log({"critic/score/mean": 0.1}, step=1)
-    tracker.log({"val/greedy_acc": 0.3, "critic/score/mean": 0.4, "time/wall_s": 9.0}, step=2)
+    tracker.log({"batch/score/mean": 0.1}, step=1)
+    tracker.log({"val/greedy_acc": 0.3, "batch/score/mean": 0.4, "time/wall_s": 9.0}, step=2)
     tracker.close()
     report = write_report(tmp_path).read_text()
     assert "| 0 | 0.200 |" in report and "| 2 | 0.300 | 0.400 |" in report

@@ -287,7 +287,8 @@ class TrainerLoopConfig:
     resume_from_path: str | None = None
     """Checkpoint directory for ``resume_mode=resume_path``."""
     rollout_data_dir: str | None = None
-    """Write each step's trajectories (prompt, response, score, versions, lag, IS weight) as JSONL here."""
+    """Write each step's trajectories as ``<step>.jsonl`` here: prompt, response, score, versions, lag
+    (and the log IS weight when old log-probs are recomputed)."""
     log_val_generations: NonNegativeInt = 0
     """Validation samples per evaluation logged to the run dir (not in this build beyond 0)."""
     seed: int = 1
@@ -332,9 +333,10 @@ class AsyncTrainingConfig:
     use_rollout_log_probs: bool = True
     """Behaviour log-probs come from the engine (required here)."""
     skip_recompute_old_log_prob: bool = False
-    """Bypass mode (the VCPO recipes): no old-log-prob pass; ratio 1 with grad log pi, IS weight from the current policy."""
+    """Bypass mode (the VCPO recipes): no old log-probs; ratio 1 with grad log pi, IS weight from the current policy."""
     compute_prox_log_prob: bool = False
-    """The release's proximal log-prob pass; the old log-probs are recomputed whenever bypass is off."""
+    """Without bypass: recompute the old log-probs with the current weights (the release's proximal pass);
+    false: the old log-probs are the rollout's, so the correction weight pi_old / mu is 1."""
     bsz_per_dp_rank: PositiveInt | None = None
     """Prompt groups one rollout replica generates at once (null: as many as ``rollout.max_num_seqs`` holds)."""
     queue_max_groups: NonNegativeInt = 0
@@ -523,16 +525,30 @@ class TrainerConfig:
             steps = min(steps, max(1, self.rollout.total_rollout_steps // per_step))
         return steps
 
+    @property
+    def recompute_old_log_prob(self) -> bool:
+        """Whether the trainer recomputes the old log-probs before the update (the release's proximal
+        pass); otherwise the old log-probs are the rollout's (bypass uses none)."""
+        at = self.async_training
+        return at.compute_prox_log_prob and not at.skip_recompute_old_log_prob
+
     def policy_loss_spec(self) -> PolicyLossSpec:
+        """The actor's loss from veRL's and the release's keys (docs/losses.md, "How a loss mode is selected")."""
         actor, at = self.actor, self.async_training
+        correction = self.algorithm.rollout_correction.spec_fields()
         if at.skip_recompute_old_log_prob:
             mode = "bypass"
         elif actor.policy_loss.loss_mode == "gspo":
             mode = "gspo"
+        elif self.recompute_old_log_prob and self.algorithm.rollout_correction.rollout_is:
+            mode = "decoupled_ppo"
         else:
-            mode = "decoupled_ppo" if self.algorithm.rollout_correction.rollout_is else "ppo_clip"
+            mode = "ppo_clip"
+        if not at.skip_recompute_old_log_prob and not self.recompute_old_log_prob:
+            # Old log-probs = the rollout's: the correction ratio pi_old / mu is exactly 1, as in the release.
+            correction.update(tis_level="none", rejection_level="none")
         return PolicyLossSpec(mode=mode, clip_ratio_low=actor.clip_low, clip_ratio_high=actor.clip_high,
-                              clip_ratio_c=actor.clip_ratio_c, **self.algorithm.rollout_correction.spec_fields())
+                              clip_ratio_c=actor.clip_ratio_c, **correction)
 
     def policy_update_config(self) -> PolicyUpdateConfig:
         """What every actor rank runs ``update_policy`` with (batch sizes in trajectories)."""
@@ -546,7 +562,7 @@ class TrainerConfig:
                                                or actor.ppo_micro_batch_size_per_gpu),
             ppo_epochs=actor.ppo_epochs, shuffle=actor.shuffle, loss_agg_mode=actor.loss_agg_mode,
             grad_clip=actor.optim.clip_grad, entropy_coeff=actor.entropy_coeff,
-            recompute_old_log_prob=spec.mode != "bypass",
+            recompute_old_log_prob=self.recompute_old_log_prob,
             grad_norm_method="per_traj" if actor.update_policy_per_traj else "batched",
             policy_loss=spec, optim=actor.optim, ess_scaling=actor.ess_scaling,
             grad_baselining=actor.grad_baselining, megatron=actor.megatron,
@@ -594,10 +610,6 @@ class TrainerConfig:
         if self.reward_model.enable:
             raise ConfigError("reward_model.enable", True,
                               "model-based rewards are not available in this build; rewards are rule-based")
-        if self.trainer.rollout_data_dir is not None:
-            raise ConfigError("trainer.rollout_data_dir", self.trainer.rollout_data_dir,
-                              "per-step rollout dumps are not available in this build yet (trajectories.jsonl in "
-                              "the run dir records versions and lags); leave it null")
         replicas = self.rollout.nnodes * self.rollout.n_gpus_per_node
         tp = self.rollout_cfg.tensor_model_parallel_size
         if replicas % tp:
@@ -670,9 +682,12 @@ class TrainerConfig:
             notes.append("data.filter_overlong_prompts_workers: no effect (prompts are filtered in-process)")
         if rollout.mode == "sync":
             notes.append("actor_rollout_ref.rollout.mode=sync: no effect (the rollouter drives its engine asynchronously)")
-        if self.async_training.compute_prox_log_prob:
-            notes.append("async_training.compute_prox_log_prob=true: the old log-probs are recomputed because bypass "
-                         "is off; there is no separate proximal pass")
+        rc, at = self.algorithm.rollout_correction, self.async_training
+        if not at.skip_recompute_old_log_prob and not at.compute_prox_log_prob and (
+                rc.rollout_is or rc.rollout_rs in ("token", "sequence", "geometric")):
+            notes.append("algorithm.rollout_correction.rollout_is/rollout_rs: the old log-probs are the rollout's "
+                         "(async_training.compute_prox_log_prob=false), so the correction ratio is 1 and has no "
+                         "effect; set compute_prox_log_prob=true to recompute them")
         if self.critic != CriticConfig():
             notes.append(f"critic.*: unused (algorithm.adv_estimator={self.algorithm.adv_estimator} needs no critic)")
         if self.actor_rollout_ref.ref != RefConfig():

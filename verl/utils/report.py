@@ -15,7 +15,7 @@ from verl.utils.tracking import read_metrics
 TABLE_COLUMNS = (
     ("val/greedy_acc", "greedy acc"),
     ("val/mean_at_4_acc", "mean@4 acc"),
-    ("critic/score/mean", "train reward"),
+    ("batch/score/mean", "train reward"),
     ("actor/ess_ratio", "ESS ratio"),
     ("staleness/start_lag_max", "max lag"),
     ("time/wall_s", "wall s"),
@@ -23,7 +23,7 @@ TABLE_COLUMNS = (
 
 PLOTS = (
     ("val/greedy_acc", "held-out greedy accuracy"),
-    ("critic/score/mean", "train reward (mean)"),
+    ("batch/score/mean", "train reward (mean)"),
     ("actor/ess_ratio", "ESS ratio"),
     ("staleness/start_lag_max", "max lag (versions)"),
 )

@@ -21,7 +21,7 @@ SUPPORTED_LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 # Shown in the progress bar's postfix when present, in this order.
 CONSOLE_KEYS = (
     ("val/greedy_acc", "val"),
-    ("critic/score/mean", "reward"),
+    ("batch/score/mean", "reward"),
     ("actor/ess_ratio", "ess"),
     ("actor/grad_norm", "gnorm"),
     ("actor/lr", "lr"),

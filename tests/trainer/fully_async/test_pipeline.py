@@ -34,7 +34,8 @@ def _run(assets, run_dir, k: int, partial: bool, rollout_delay: float, train_del
         f"async_training.test_rollout_delay_max_s={rollout_delay}",
         f"async_training.test_train_delay_max_s={train_delay}",
         # Recompute the old log-probs (PPO clip, no IS correction) so the ledger records each log w.
-        "async_training.skip_recompute_old_log_prob=false", "algorithm.rollout_correction.rollout_is=null",
+        "async_training.skip_recompute_old_log_prob=false", "async_training.compute_prox_log_prob=true",
+        "algorithm.rollout_correction.rollout_is=null",
         f"trainer.total_training_steps={STEPS}", f"trainer.save_freq={STEPS}",
     ))
     return _ledger(run_dir)
@@ -59,7 +60,7 @@ def test_k0_is_on_policy_and_reproducible(pipeline_assets, ray_cluster, tmp_path
     b = _run(pipeline_assets, tmp_path / "b", k=0, partial=False, rollout_delay=0.0, train_delay=0.05)
     assert a == b
     ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    for key in ("critic/score/mean", "actor/pg_loss", "actor/grad_norm", "response_length/mean"):
+    for key in ("batch/score/mean", "actor/pg_loss", "actor/grad_norm", "response_length/mean"):
         assert [m[key] for m in ma] == [m[key] for m in mb], key
 
 

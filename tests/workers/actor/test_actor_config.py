@@ -12,6 +12,7 @@ from verl.workers.utils.vcpo import ESSScalingConfig, GradBaseliningConfig
 A = "actor_rollout_ref.actor"
 RC = "algorithm.rollout_correction"
 SKIP = "async_training.skip_recompute_old_log_prob"
+PROX = "async_training.compute_prox_log_prob"
 
 
 def test_defaults_are_valid_and_build_from_plain_data():
@@ -150,12 +151,16 @@ def test_policy_update_config_resolves_units_and_moved_keys():
     ([f"{SKIP}=true", f"{RC}.rollout_is=null"], "bypass", False, {"tis_level": "none"}),
     ([f"{SKIP}=true", f"{RC}.rollout_is=sequence"], "bypass", False, {"tis_level": "sequence", "tis_cap": 8.0}),
     # old ppo_clip + recompute_old_log_prob=true
-    ([f"{SKIP}=false", f"{RC}.rollout_is=null"], "ppo_clip", True, {"tis_level": "none"}),
-    # old decoupled_ppo (always recomputed): rollout_is set without bypass
-    ([f"{SKIP}=false", f"{RC}.rollout_is=token", f"{RC}.rollout_is_threshold=2.0"], "decoupled_ppo", True,
-     {"tis_level": "token", "tis_cap": 2.0}),
-    # old gspo + recompute
-    ([f"{SKIP}=false", f"{A}.policy_loss.loss_mode=gspo"], "gspo", True, {}),
+    ([f"{SKIP}=false", f"{PROX}=true", f"{RC}.rollout_is=null"], "ppo_clip", True, {"tis_level": "none"}),
+    # old ppo_clip anchored on the rollout log-probs: the release's sync without the proximal pass; the
+    # correction ratio pi_old / mu is 1 there, so rollout_is has no effect
+    ([f"{SKIP}=false", f"{PROX}=false", f"{RC}.rollout_is=sequence"], "ppo_clip", False, {"tis_level": "none"}),
+    # old decoupled_ppo (recomputed): rollout_is set without bypass
+    ([f"{SKIP}=false", f"{PROX}=true", f"{RC}.rollout_is=token", f"{RC}.rollout_is_threshold=2.0"],
+     "decoupled_ppo", True, {"tis_level": "token", "tis_cap": 2.0}),
+    # old gspo, with and without recompute
+    ([f"{SKIP}=false", f"{PROX}=true", f"{A}.policy_loss.loss_mode=gspo"], "gspo", True, {}),
+    ([f"{SKIP}=false", f"{A}.policy_loss.loss_mode=gspo"], "gspo", False, {}),
     # old rejection_level/low/high
     ([f"{RC}.rollout_rs=geometric", f"{RC}.rollout_rs_threshold=1.4", f"{RC}.rollout_rs_threshold_lower=0.7"],
      "bypass", False, {"rejection_level": "geometric", "rejection_high": 1.4, "rejection_low": 0.7}),
@@ -207,3 +212,10 @@ def test_check_grad_baselining_refuses_what_opob_cannot_baseline(config, mention
 def test_check_grad_baselining_passes_the_vcpo_loss_and_ignores_a_disabled_baseline():
     PolicyUpdateConfig(grad_baselining=OPOB, policy_loss=VCPO_LOSS).check_grad_baselining("k")
     PolicyUpdateConfig(policy_loss=PolicyLossSpec(mode="ppo_clip", rejection_level="token")).check_grad_baselining("k")
+
+
+def test_correction_without_old_log_probs_is_announced_as_having_no_effect():
+    quiet = load_config([f"{SKIP}=false", f"{PROX}=true", f"{RC}.rollout_is=sequence"]).startup_notes()
+    noted = load_config([f"{SKIP}=false", f"{PROX}=false", f"{RC}.rollout_is=sequence"]).startup_notes()
+    assert not any("rollout_is/rollout_rs" in n for n in quiet)
+    assert sum("rollout_is/rollout_rs" in n and "compute_prox_log_prob=true" in n for n in noted) == 1

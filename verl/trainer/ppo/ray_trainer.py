@@ -23,6 +23,7 @@ import torch
 from verl.protocol import DataProto
 from verl.trainer.config import TrainerConfig, to_yaml
 from verl.trainer.fully_async.pipeline import AsyncRolloutPipeline
+from verl.trainer.fully_async.staleness import trajectory_lags
 from verl.trainer.ppo.core_algos import compute_advantage
 from verl.utils.dataset.rl_dataset import PromptSampler, RLDataset, collate_prompts
 from verl.utils.distributed import find_free_port
@@ -136,20 +137,41 @@ class RayPPOTrainer:
     def _log_trajectories(self, step: int, batch: DataProto) -> None:
         """Append one record per trained trajectory to ``trajectories.jsonl`` (the uid ledger a
         resume is checked against), with its versions and, when old log-probs were recomputed,
-        its sequence log IS weight log w = sum_t (log pi_theta - log mu) under the trained weights."""
+        its sequence log IS weight log w = sum_t (log pi_theta - log mu) under the trained weights.
+        With ``trainer.rollout_data_dir``, also the readable dump ``<dir>/<step>.jsonl``: prompt,
+        response, score, data source and the lag of each trajectory."""
         nt, b = batch.non_tensor_batch, batch.batch
         log_w = None
         if "old_log_probs" in b:
             log_w = ((b["old_log_probs"] - b["rollout_log_probs"]) * b["response_mask"]).sum(dim=1).tolist()
+        records = []
+        for i in range(len(batch)):
+            record = {"step": step, "uid": str(nt["uid"][i]), "request_id": str(nt["request_id"][i]),
+                      "param_version_start": int(nt["param_version_start"][i]),
+                      "param_version_end": int(nt["param_version_end"][i]),
+                      "param_version_trained": int(nt["param_version_trained"][i])}
+            if log_w is not None:
+                record["log_is_weight"] = log_w[i]
+            records.append(record)
         with open(self.run_dir / TRAJECTORY_LOG, "a") as f:
-            for i in range(len(batch)):
-                record = {"step": step, "uid": str(nt["uid"][i]), "request_id": str(nt["request_id"][i]),
-                          "param_version_start": int(nt["param_version_start"][i]),
-                          "param_version_end": int(nt["param_version_end"][i]),
-                          "param_version_trained": int(nt["param_version_trained"][i])}
-                if log_w is not None:
-                    record["log_is_weight"] = log_w[i]
-                f.write(json.dumps(record) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        if self.config.trainer.rollout_data_dir:
+            self._dump_rollouts(step, batch, records)
+
+    def _dump_rollouts(self, step: int, batch: DataProto, records: list[dict]) -> None:
+        nt, b = batch.non_tensor_batch, batch.batch
+        prompt_len = b["prompts"].shape[1]
+        prompt_mask = b["attention_mask"][:, :prompt_len].bool()
+        scores = b["token_level_scores"].sum(dim=1).tolist()
+        lags = trajectory_lags(step, nt["param_version_start"])
+        out_dir = Path(self.config.trainer.rollout_data_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / f"{step}.jsonl", "w") as f:
+            for i, record in enumerate(records):
+                prompt = self.tokenizer.decode(b["prompts"][i][prompt_mask[i]].tolist(), skip_special_tokens=False)
+                f.write(json.dumps({**record, "input": prompt, "output": str(nt["response_text"][i]),
+                                    "score": scores[i], "data_source": str(nt["data_source"][i]),
+                                    "lag": int(lags[i])}) + "\n")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
@@ -295,12 +317,12 @@ def compute_data_metrics(batch: DataProto) -> dict[str, float]:
     max_len = mask.shape[1]
     valid_adv = torch.masked_select(b["advantages"], mask.bool())
     out = {
-        "critic/score/mean": scores.mean().item(),
-        "critic/score/max": scores.max().item(),
-        "critic/score/min": scores.min().item(),
-        "critic/advantages/mean": valid_adv.mean().item() if valid_adv.numel() else 0.0,
-        "critic/advantages/max": valid_adv.max().item() if valid_adv.numel() else 0.0,
-        "critic/advantages/min": valid_adv.min().item() if valid_adv.numel() else 0.0,
+        "batch/score/mean": scores.mean().item(),
+        "batch/score/max": scores.max().item(),
+        "batch/score/min": scores.min().item(),
+        "batch/advantages/mean": valid_adv.mean().item() if valid_adv.numel() else 0.0,
+        "batch/advantages/max": valid_adv.max().item() if valid_adv.numel() else 0.0,
+        "batch/advantages/min": valid_adv.min().item() if valid_adv.numel() else 0.0,
         "response_length/mean": lengths.mean().item(),
         "response_length/max": lengths.max().item(),
         "response_length/clip_ratio": (lengths >= max_len).float().mean().item(),

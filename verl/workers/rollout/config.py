@@ -128,8 +128,8 @@ class RolloutConfig:
     """vLLM: no CUDA graphs."""
     enable_prefix_caching: bool = False
     """vLLM: reuse KV blocks of shared prompt prefixes."""
-    enable_chunked_prefill: bool = False
-    """vLLM: split long prefills into chunks (GPU only)."""
+    enable_chunked_prefill: bool | None = None
+    """vLLM: split long prefills into chunks (null: vLLM's default)."""
     max_num_batched_tokens: PositiveInt | None = None
     """vLLM: token budget of one engine step (null: vLLM's default)."""
     stop_strings: list[str] = field(default_factory=list)

