@@ -338,7 +338,7 @@ class AsyncTrainingConfig:
     """Without bypass: recompute the old log-probs with the current weights (the release's proximal pass);
     false: the old log-probs are the rollout's, so the correction weight pi_old / mu is 1."""
     bsz_per_dp_rank: PositiveInt | None = None
-    """Prompt groups one rollout replica generates at once (null: as many as ``rollout.max_num_seqs`` holds)."""
+    """Prompt groups one rollout replica generates at once (null: as many as ``actor_rollout_ref.rollout.max_num_seqs`` holds)."""
     queue_max_groups: NonNegativeInt = 0
     """Reorder-buffer capacity in groups (0: its proven bound, (k + 1) * groups per step)."""
     num_threads_per_worker: NonNegativeInt = 0
@@ -394,7 +394,7 @@ class RolloutResourcesConfig:
     nnodes: PositiveInt = 1
     """Nodes of the rollout pool."""
     n_gpus_per_node: PositiveInt = 1
-    """Rollout GPUs per node (processes on CPU); replicas = nnodes * n_gpus_per_node / rollout.tensor_model_parallel_size."""
+    """Rollout GPUs per node (processes on CPU); replicas = nnodes * n_gpus_per_node / actor_rollout_ref.rollout.tensor_model_parallel_size."""
     total_rollout_steps: PositiveInt | None = None
     """Prompts the rollouter generates in all (null: no limit of its own)."""
     total_epochs: PositiveInt | None = None
@@ -443,7 +443,7 @@ class RayInitConfig:
 
 @config_section
 class RayKwargsConfig:
-    """``ray_kwargs``."""
+    """``ray_kwargs``: how the trainer starts or joins Ray."""
 
     ray_init: RayInitConfig = field(default_factory=RayInitConfig)
 

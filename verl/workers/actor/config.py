@@ -83,7 +83,7 @@ class ActorConfig:
     strategy: Literal["torch", "megatron", "fsdp", "fsdp2"] = "torch"
     """``torch`` (plain data parallel over gloo/NCCL) or ``megatron`` (DP x TP x SP x CP x PP); FSDP is not in this build."""
     ppo_mini_batch_size: PositiveInt = 16
-    """Prompts per optimizer step, as in veRL (x ``rollout.n`` trajectories), over all data-parallel ranks."""
+    """Prompts per optimizer step, as in veRL (x ``actor_rollout_ref.rollout.n`` trajectories), over all data-parallel ranks."""
     ppo_micro_batch_size_per_gpu: PositiveInt = 8
     """Trajectories per forward/backward on one rank."""
     use_dynamic_bsz: bool = False

@@ -26,7 +26,7 @@ def _check_top_k(key: str, top_k: int) -> None:
 
 @config_section
 class ValKwargs:
-    """``rollout.val_kwargs``: validation sampling. ``do_sample=false`` scores one greedy response
+    """``actor_rollout_ref.rollout.val_kwargs``: validation sampling. ``do_sample=false`` scores one greedy response
     per prompt (``val/greedy_acc``); ``true`` scores ``n`` responses at ``temperature``/``top_p``/
     ``top_k`` (``val/mean_at_<n>_acc``)."""
 
@@ -46,7 +46,7 @@ class ValKwargs:
 
 @config_section
 class MultiTurnConfig:
-    """``rollout.multi_turn``: the tool-use agent loop (not in this build)."""
+    """``actor_rollout_ref.rollout.multi_turn``: the tool-use agent loop (not in this build)."""
 
     enable: bool = False
     """Multi-turn rollouts with tool calls."""
@@ -60,7 +60,7 @@ class MultiTurnConfig:
 
 @config_section
 class VLLMEngineKwargs:
-    """``rollout.engine_kwargs.vllm``: vLLM knobs beyond veRL's common rollout keys.
+    """``actor_rollout_ref.rollout.engine_kwargs.vllm``: vLLM knobs beyond veRL's common rollout keys.
 
     ``logprobs_mode`` picks which log-prob vLLM reports for each sampled token y (z = logits,
     T = temperature, S = the tokens sampling may pick: top-k/top-p kept set minus the pad token):
@@ -79,7 +79,7 @@ class VLLMEngineKwargs:
 
 @config_section
 class EngineKwargs:
-    """``rollout.engine_kwargs``: per-engine extras."""
+    """``actor_rollout_ref.rollout.engine_kwargs``: per-engine extras."""
 
     vllm: VLLMEngineKwargs = field(default_factory=VLLMEngineKwargs)
 
