@@ -103,12 +103,17 @@ def train_sft(
     return out
 
 
-def warm_start_cache_key(base_identity: str, train_files: Sequence[str], config: WarmStartConfig) -> str:
+def warm_start_cache_key(base_identity: str, train_files: Sequence[str], config: WarmStartConfig,
+                         num_threads: int | None = None) -> str:
+    """The cache entry of one warm start. The torch thread count is part of it: CPU kernels reduce in
+    a thread-dependent order, so one thread (``make test``) and two (``make demo``) train different
+    weights from the same settings, and a shared cache would make a run depend on who built it."""
     h = hashlib.sha256()
     h.update(base_identity.encode())
     for f in train_files:
         h.update(hashlib.sha256(Path(f).read_bytes()).digest())
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
+    h.update(f"threads={torch.get_num_threads() if num_threads is None else num_threads}".encode())
     return h.hexdigest()[:16]
 
 
