@@ -80,7 +80,7 @@ def brute_force(model, prompts, responses, response_mask, i) -> tuple[torch.Tens
 
 def independent_update(data: DataProto, ess_on: bool, scope: str | None, grad_clip: float | None = None,
                        model_seed: int = 0) -> dict[str, object]:
-    """-lr * scale * clip(g) from the formulas of SPEC.md, on brute-force per-trajectory gradients."""
+    """-lr * scale * clip(g) from the formulas of docs/vcpo.md, on brute-force per-trajectory gradients."""
     b = data.batch
     model = make_model(model_seed)
     per_traj = [brute_force(model, b["prompts"], b["responses"], b["response_mask"], i) for i in range(len(data))]
