@@ -256,7 +256,7 @@ def test_overrides_resolve_through_the_product_config(method, k, tmp_path):
     grid = plan.GridConfig(steps=30, val_freq=10, val_samples=100, lr=2e-4)
     config = plan.run_config(plan.RunSpec(method, k, 2, True), grid, tmp_path)
     # the task's testbed: 16 prompts x 8, one optimizer step per trainer step and weight sync, GRPO
-    assert config.data.train_batch_size == 16 and config.rollout_cfg.n == 8
+    assert config.data.train_batch_size == 16 and config.rollout_engine.n == 8
     assert config.policy_update_config().ppo_mini_batch_size == 128
     assert config.async_training.trigger_parameter_sync_step == 1 and config.algorithm.adv_estimator == "grpo"
     assert config.actor.loss_agg_mode == "seq-mean-token-mean" and config.model.warm_start.enable
@@ -266,7 +266,7 @@ def test_overrides_resolve_through_the_product_config(method, k, tmp_path):
     assert config.actor.optim.lr == pytest.approx(2e-4) and config.trainer.seed == 2
     assert config.trainer.total_training_steps == 30 and config.val_freq == 10 and config.trainer.val_before_train
     assert config.data.val_max_samples == 100
-    val = config.rollout_cfg.val_kwargs
+    val = config.rollout_engine.val_kwargs
     assert val.do_sample and val.n == 4 and val.report_greedy
     assert config.trainer.save_freq <= 0 and config.trainer.resume_mode == "disable"
     assert config.trainer.logger == ["jsonl"] and config.run_dir == str(tmp_path)
@@ -277,7 +277,7 @@ def test_mean_at_zero_validates_greedy_only(tmp_path):
     got = _overrides("vcpo", 4, tmp_path, grid)
     assert got["actor_rollout_ref.rollout.val_kwargs.do_sample"] == "false"
     assert "actor_rollout_ref.rollout.val_kwargs.n" not in got
-    val = plan.run_config(plan.RunSpec("vcpo", 4, 1, False), grid, tmp_path).rollout_cfg.val_kwargs
+    val = plan.run_config(plan.RunSpec("vcpo", 4, 1, False), grid, tmp_path).rollout_engine.val_kwargs
     assert not val.do_sample
 
 

@@ -15,8 +15,8 @@ ARR = "actor_rollout_ref"
 def test_a_bare_trainer_config_validates():
     config = TrainerConfig().validate()
     # The rollout lengths are derived from the data section, never typed twice.
-    assert config.rollout_cfg.prompt_length == config.data.max_prompt_length
-    assert config.rollout_cfg.response_length == config.data.max_response_length
+    assert config.rollout_engine.prompt_length == config.data.max_prompt_length
+    assert config.rollout_engine.response_length == config.data.max_response_length
 
 
 def test_default_config_is_the_cpu_countdown_run():
@@ -24,7 +24,7 @@ def test_default_config_is_the_cpu_countdown_run():
     assert config.model.path == "preset:tiny" and config.model.warm_start.enable
     assert [p.endswith("countdown/train.parquet") for p in config.data.train_files] == [True]
     assert config.algorithm.adv_estimator == "grpo"
-    assert config.data.train_batch_size == config.prompts_per_step == 16 and config.rollout_cfg.n == 8
+    assert config.data.train_batch_size == config.prompts_per_step == 16 and config.rollout_engine.n == 8
     assert config.async_training.k == 0 and not config.async_training.partial_rollout
     spec = config.policy_loss_spec()
     assert (spec.mode, spec.tis_level, spec.tis_cap) == ("bypass", "sequence", 8.0)
@@ -53,7 +53,7 @@ def test_overrides_reach_the_typed_config():
     assert config.actor.optim.lr == pytest.approx(3e-5)
     # ``+key`` on a key the schema defines sets it (the release's scripts spell some keys that way).
     assert config.actor.optim.weight_decay == pytest.approx(0.1)
-    assert config.rollout_cfg.n == 4
+    assert config.rollout_engine.n == 4
     assert config.policy_update_config().ppo_mini_batch_size == 16 * 4
 
 
@@ -101,15 +101,15 @@ def test_open_mappings_take_new_sub_keys():
 
 def test_rollout_lengths_are_derived_from_the_data_section():
     config = load_config(["data.max_prompt_length=40", "data.max_response_length=24"])
-    assert (config.rollout_cfg.prompt_length, config.rollout_cfg.response_length) == (40, 24)
-    assert config.rollout_cfg.max_new_tokens == 24 and config.rollout_cfg.max_seq_len == 64
+    assert (config.rollout_engine.prompt_length, config.rollout_engine.response_length) == (40, 24)
+    assert config.rollout_engine.max_new_tokens == 24 and config.rollout_engine.max_seq_len == 64
     # Setting the derived key to the same value is harmless; a different one is refused.
-    assert load_config([f"{ARR}.rollout.prompt_length=32"]).rollout_cfg.prompt_length == 32
+    assert load_config([f"{ARR}.rollout.prompt_length=32"]).rollout_engine.prompt_length == 32
     with pytest.raises(ConfigError) as err:
         load_config([f"{ARR}.rollout.prompt_length=64"])
     assert err.value.key == f"{ARR}.rollout.prompt_length" and "data.max_prompt_length=32" in str(err.value)
     # The engine may hold longer sequences, never shorter ones.
-    assert load_config([f"{ARR}.rollout.max_model_len=96"]).rollout_cfg.max_seq_len == 96
+    assert load_config([f"{ARR}.rollout.max_model_len=96"]).rollout_engine.max_seq_len == 96
     with pytest.raises(ConfigError) as err:
         load_config([f"{ARR}.rollout.max_model_len=40"])
     assert err.value.key == f"{ARR}.rollout.max_model_len" and "= 48" in str(err.value)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -477,7 +476,8 @@ class TrainerConfig:
         return self.actor_rollout_ref.actor
 
     @property
-    def rollout_cfg(self) -> RolloutConfig:
+    def rollout_engine(self) -> RolloutConfig:
+        """``actor_rollout_ref.rollout`` (not the release's top-level ``rollout`` resources section)."""
         return self.actor_rollout_ref.rollout
 
     # -------------------------------------------------------------- derived values
@@ -490,11 +490,11 @@ class TrainerConfig:
 
     @property
     def trajectories_per_step(self) -> int:
-        return self.prompts_per_step * self.rollout_cfg.n
+        return self.prompts_per_step * self.rollout_engine.n
 
     @property
     def num_rollout_replicas(self) -> int:
-        return self.rollout.nnodes * self.rollout.n_gpus_per_node // self.rollout_cfg.tensor_model_parallel_size
+        return self.rollout.nnodes * self.rollout.n_gpus_per_node // self.rollout_engine.tensor_model_parallel_size
 
     @property
     def data_parallel_size(self) -> int:
@@ -552,7 +552,7 @@ class TrainerConfig:
 
     def policy_update_config(self) -> PolicyUpdateConfig:
         """What every actor rank runs ``update_policy`` with (batch sizes in trajectories)."""
-        actor, rollout = self.actor, self.rollout_cfg
+        actor, rollout = self.actor, self.rollout_engine
         spec = self.policy_loss_spec()
         return PolicyUpdateConfig(
             strategy=actor.strategy,
@@ -575,7 +575,7 @@ class TrainerConfig:
         arr = "actor_rollout_ref"
         self.actor.validate(f"{arr}.actor")
         self._derive_rollout_lengths()
-        self.rollout_cfg.validate(f"{arr}.rollout")
+        self.rollout_engine.validate(f"{arr}.rollout")
         self.algorithm.rollout_correction.validate("algorithm.rollout_correction")
         self.trainer.validate("trainer")
         self.async_training.validate("async_training")
@@ -585,7 +585,7 @@ class TrainerConfig:
         return self
 
     def _derive_rollout_lengths(self) -> None:
-        rollout, data = self.rollout_cfg, self.data
+        rollout, data = self.rollout_engine, self.data
         for key, derived, source in (("prompt_length", data.max_prompt_length, "data.max_prompt_length"),
                                      ("response_length", data.max_response_length, "data.max_response_length")):
             value = getattr(rollout, key)
@@ -611,14 +611,14 @@ class TrainerConfig:
             raise ConfigError("reward_model.enable", True,
                               "model-based rewards are not available in this build; rewards are rule-based")
         replicas = self.rollout.nnodes * self.rollout.n_gpus_per_node
-        tp = self.rollout_cfg.tensor_model_parallel_size
+        tp = self.rollout_engine.tensor_model_parallel_size
         if replicas % tp:
             raise ConfigError("rollout.n_gpus_per_node", self.rollout.n_gpus_per_node,
                               f"rollout.nnodes * rollout.n_gpus_per_node = {replicas} must be divisible by "
                               f"actor_rollout_ref.rollout.tensor_model_parallel_size={tp}")
 
     def _check_batches(self) -> None:
-        actor, rollout, at = self.actor, self.rollout_cfg, self.async_training
+        actor, rollout, at = self.actor, self.rollout_engine, self.async_training
         arr = "actor_rollout_ref"
         if self.algorithm.adv_estimator in ("grpo", "rloo", "drgrpo") and rollout.n < 2:
             raise ConfigError(f"{arr}.rollout.n", rollout.n,
@@ -661,7 +661,7 @@ class TrainerConfig:
     def startup_notes(self) -> list[str]:
         """One line per key that is set but has no effect on this build or backend."""
         notes: list[str] = []
-        rollout, default_rollout = self.rollout_cfg, RolloutConfig()
+        rollout, default_rollout = self.rollout_engine, RolloutConfig()
         if rollout.name == "torch":
             for key in ("gpu_memory_utilization", "enable_chunked_prefill", "max_num_batched_tokens",
                         "enforce_eager", "enable_prefix_caching", "tensor_model_parallel_size"):
@@ -780,11 +780,6 @@ def parse_cli(argv: list[str], default_config: str = "ppo_trainer") -> tuple[str
         else:
             overrides.append(arg)
     return name.removesuffix(".yaml"), overrides
-
-
-def log_startup_notes(config: TrainerConfig, log: Any = None) -> None:
-    for note in config.startup_notes():
-        (log or (lambda m: print(f"[vcpo-rl] note: {m}", file=sys.stderr, flush=True)))(note)
 
 
 def to_yaml(config: TrainerConfig) -> str:

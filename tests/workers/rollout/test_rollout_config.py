@@ -106,7 +106,7 @@ def test_command_line_overrides_reach_the_dataclass():
                           f"{PREFIX}.val_kwargs.do_sample=true", f"{PREFIX}.val_kwargs.n=4",
                           f"{PREFIX}.val_kwargs.top_p=0.7", f"{PREFIX}.max_num_seqs=12",
                           "data.max_prompt_length=40", "data.max_response_length=20"])
-    rollout = config.rollout_cfg
+    rollout = config.rollout_engine
     assert (rollout.n, rollout.stop_strings, rollout.max_num_seqs) == (8, ["</answer>"], 12)
     assert (rollout.val_kwargs.do_sample, rollout.val_kwargs.n, rollout.val_kwargs.top_p) == (True, 4, 0.7)
     assert (rollout.prompt_length, rollout.max_new_tokens, rollout.max_seq_len) == (40, 20, 60)

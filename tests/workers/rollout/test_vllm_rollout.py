@@ -301,7 +301,7 @@ def test_vllm_config_keys_reach_the_engine_settings():
     assert not tp2.vllm_in_process
     config = load_config([f"{ROLLOUT}.name=vllm", f"{ROLLOUT}.engine_kwargs.vllm.kv_cache_space_gib=3",
                           f"{ROLLOUT}.engine_kwargs.vllm.logprobs_mode=raw_logprobs", f"{ROLLOUT}.dtype=bfloat16",
-                          f"{ROLLOUT}.tensor_model_parallel_size=2", "rollout.n_gpus_per_node=4"]).rollout_cfg
+                          f"{ROLLOUT}.tensor_model_parallel_size=2", "rollout.n_gpus_per_node=4"]).rollout_engine
     vllm = config.engine_kwargs.vllm
     assert (vllm.kv_cache_space_gib, vllm.logprobs_mode, config.dtype) == (3, "raw_logprobs", "bfloat16")
     assert not config.vllm_in_process
