@@ -46,6 +46,7 @@ class UnknownKeyError(ConfigError):
             hint = f"no such key; {key.rpartition('.')[0] or 'the top level'} has {', '.join(self.siblings)}"
         else:
             hint = "no such key"
+        hint += " (keys of earlier versions and their new names: docs/migration.md)"
         super().__init__(key, "<unknown key>", hint)
         self.args = (f"unknown config key {key}: {hint}",)
 
@@ -58,11 +59,6 @@ class UnknownKeyError(ConfigError):
     @classmethod
     def for_key(cls, key: str, keys: dict[str, str]) -> UnknownKeyError:
         return cls(key, suggest_keys(key, keys), tuple(section_children(key, keys)))
-
-
-def feature_missing(key: str, value: Any, feature: str) -> ConfigError:
-    """The error for a key that names a feature this build does not have (yet)."""
-    return ConfigError(key, value, f"{feature} is not available in this build; leave {key} at its default")
 
 
 @typing.dataclass_transform()
