@@ -16,6 +16,7 @@ from verl.utils.config import ConfigError
 from verl.workers.actor.config import OptimConfig, PolicyLossSpec, PolicyUpdateConfig
 from verl.workers.actor.dp_actor import (
     DataParallelPPOActor,
+    _reduce_history,
     build_optimizer_and_scheduler,
     lr_schedule_factor,
 )
@@ -317,3 +318,13 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             for dp_param, param in zip(out[agg_mode]["params"], model.parameters()):
                 torch.testing.assert_close(dp_param, param.detach(), rtol=0, atol=1e-6)
             assert out[agg_mode]["loss"] == pytest.approx(metrics["actor/loss"], abs=1e-6)
+
+
+def test_metrics_of_several_optimizer_steps_keep_minima_maxima_and_counts():
+    # Two mini-batches: a minimum is the smaller of the two (not their mean, which read 0.52 where
+    # the true minimum was 0.365), a maximum the larger, counts add up, the rest is averaged.
+    out = _reduce_history({"opob_baseline_min": [0.682, 0.365], "opob_baseline_max": [1.0, 2.5],
+                           "skipped_steps": [0.0, 1.0], "nonfinite_count": [2.0, 3.0],
+                           "traj_grad_norm_hist/1e0": [4.0, 5.0], "pg_loss": [1.0, 3.0]})
+    assert out == {"opob_baseline_min": 0.365, "opob_baseline_max": 2.5, "skipped_steps": 1.0,
+                   "nonfinite_count": 5.0, "traj_grad_norm_hist/1e0": 9.0, "pg_loss": 2.0}

@@ -337,3 +337,19 @@ def test_nonfinite_log_weights_are_counted_and_histogram_clips_to_end_bins():
 def test_shard_combination_in_one_process_is_sharded_plus_replicated():
     got = combine_shard_sq_grad_norms(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.25]))
     torch.testing.assert_close(got, torch.tensor([1.5, 2.25]))
+
+
+def test_is_weight_max_is_nan_when_no_log_weight_is_finite():
+    # Every trajectory's log w is NaN or +inf: the max over the empty set of finite weights is
+    # undefined (NaN), never the inf that a NaN comparison would produce.
+    log_prob = torch.tensor([[-1.0], [-1.0]])
+    rollout = torch.tensor([[float("nan")], [-float("inf")]])
+    mask = torch.ones(2, 1)
+    log_w = sequence_log_is_weight(log_prob, rollout, mask)
+    m = vcpo_metrics(log_prob, rollout, mask, 8.0, global_ess(log_w), global_ess(log_w), 0.0)
+    assert math.isnan(m["is_weight_max"]) and math.isnan(m["log_is_weight_max"])
+    # One finite weight: its value, exactly.
+    rollout = torch.tensor([[-1.5], [-float("inf")]])
+    log_w = sequence_log_is_weight(log_prob, rollout, mask)
+    m = vcpo_metrics(log_prob, rollout, mask, 8.0, global_ess(log_w), global_ess(log_w), 0.0)
+    assert m["is_weight_max"] == pytest.approx(math.exp(0.5))

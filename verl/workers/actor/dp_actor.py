@@ -480,12 +480,14 @@ def sampling_temperature(data: "DataProto") -> float:
 
 
 def _reduce_history(history: dict[str, list[float]]) -> dict[str, float]:
-    """Mean of each metric over optimizer steps, except ``*_max`` (max) and counts (sum):
-    ``skipped_steps``, ``*_count`` and histogram bins (``*_hist/*``)."""
+    """Mean of each metric over optimizer steps, except ``*_max`` (max), ``*_min`` (min) and counts
+    (sum): ``skipped_steps``, ``*_count`` and histogram bins (``*_hist/*``)."""
     out = {}
     for key, values in history.items():
         if key.endswith("_max"):
             out[key] = max(values)
+        elif key.endswith("_min"):
+            out[key] = min(values)
         elif key.endswith(("skipped_steps", "_count")) or "_hist/" in key:
             out[key] = float(sum(values))
         else:

@@ -534,7 +534,8 @@ def vcpo_metrics(log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, respons
         "lr_scale": float(lr_scale),
         "nonfinite_count": float(ess.num_nan + ess.num_posinf),
         "is_weight_mean": float(torch.exp(truncated_log_is_weight(log_w_ok, tis_clip)).mean()) if any_ok else float("nan"),
-        "is_weight_max": math.exp(max_log_w) if max_log_w < 709.0 else float("inf"),
+        # No finite log w: NaN, like the other statistics of an empty set (not the inf a NaN compare gives).
+        "is_weight_max": float("nan") if not any_ok else math.exp(max_log_w) if max_log_w < 709.0 else float("inf"),
         "log_is_weight_max": max_log_w,
         "is_weight_truncated_frac": float((log_w_ok > math.log(tis_clip)).double().mean()) if any_ok else 0.0,
         "rollout_kl_k3": float(token_stats[0] / token_stats[1].clamp(min=1.0)),
