@@ -310,3 +310,13 @@ def test_deferred_factors_add_up_across_micro_batches(tied_model):
     got = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
     expected = (k.double()[:, None] * grads).sum(0)
     assert ((got - expected).norm() / expected.norm()).item() < RTOL
+
+
+def test_trajectory_objective_keeps_negative_token_weights():
+    # f_i = sum_t w_it m_it log pi_it: a negative weight scales its token, it does not drop it.
+    log_probs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.25, float("nan")]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    weights = torch.tensor([[2.0, -1.0, 5.0], [-3.0, 4.0, 1.0]])
+    got = trajectory_objective(log_probs, mask, weights)
+    torch.testing.assert_close(got, torch.tensor([2.0 * -1.0 + -1.0 * -2.0, -3.0 * -0.5 + 4.0 * -0.25]))
+    torch.testing.assert_close(trajectory_objective(log_probs, mask), torch.tensor([-3.0, -0.75]))

@@ -13,6 +13,7 @@ from verl.utils.config import ConfigError, build_config
 from verl.workers.utils.vcpo import (
     ESSScalingConfig,
     GradBaseliningConfig,
+    aggregate_baseline,
     assert_whole_groups,
     check_whole_groups,
     combine_shard_sq_grad_norms,
@@ -353,3 +354,16 @@ def test_is_weight_max_is_nan_when_no_log_weight_is_finite():
     log_w = sequence_log_is_weight(log_prob, rollout, mask)
     m = vcpo_metrics(log_prob, rollout, mask, 8.0, global_ess(log_w), global_ess(log_w), 0.0)
     assert m["is_weight_max"] == pytest.approx(math.exp(0.5))
+
+
+@pytest.mark.parametrize("agg_mode", ["mean", "median", "winsorized_mean"])
+def test_an_empty_scope_has_a_nan_baseline_in_every_aggregation(agg_mode):
+    empty = torch.zeros(0)
+    assert math.isnan(float(aggregate_baseline(empty, empty, agg_mode)))
+
+
+def test_min_lr_rule_on_an_empty_minibatch_skips_the_step_and_names_a_missing_batch_size():
+    assert ess_lr_scale(float("nan"), 1.0, "sqrt", "min_lr", batch_size=0) == (0.0, True)
+    assert ess_lr_scale(float("nan"), 1.0, "linear", "min_lr", batch_size=4) == (0.25, True)
+    with pytest.raises(ValueError, match="batch_size"):
+        ess_lr_scale(float("nan"), 1.0, "sqrt", "min_lr")

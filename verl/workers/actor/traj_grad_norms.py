@@ -76,9 +76,10 @@ def response_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask
 
 def trajectory_objective(log_probs: torch.Tensor, response_mask: torch.Tensor,
                          token_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """f_i = Σ_t ω_{i,t} m_{i,t} log π_θ(y_{i,t}), [B]; ω = 1 when ``token_weights`` is None."""
-    weights = response_mask if token_weights is None else response_mask * token_weights
-    return masked_sum(log_probs, weights, dim=-1)
+    """f_i = Σ_t ω_{i,t} m_{i,t} log π_θ(y_{i,t}), [B]; ω = 1 when ``token_weights`` is None. The mask
+    selects tokens; the weights scale them, whatever their sign."""
+    weighted = log_probs if token_weights is None else log_probs * token_weights
+    return masked_sum(weighted, response_mask, dim=-1)
 
 
 def _is_norm(module: nn.Module) -> bool:

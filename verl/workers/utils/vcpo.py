@@ -226,8 +226,10 @@ def ess_lr_scale(ess_ratio: float, base_ess_ratio: float, rule: str, nonfinite_r
     if nonfinite:
         if nonfinite_rule == "skip":
             return 0.0, True
-        if not batch_size:
-            raise ValueError("nonfinite_rule='min_lr' needs the global batch_size")
+        if batch_size is None:
+            raise ValueError("ess_lr_scale: nonfinite_rule='min_lr' needs the global batch_size (B, for rho = 1/B)")
+        if batch_size == 0:
+            return 0.0, True  # an empty minibatch has no ESS and nothing to train: the step is skipped
         ess_ratio = 1.0 / batch_size
     s = min(1.0, ess_ratio / base_ess_ratio)
     return (math.sqrt(s) if rule == "sqrt" else s), nonfinite
@@ -348,9 +350,12 @@ def weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) -> 
     v_(k*) with k* = min{k : C_k ≥ q·S − 1e-6·S}, so for q > 0 it is a value of positive weight.
     The 1e-6·S slack makes exact ties (equal weights, the usual case) robust to the float32
     rounding of log weights. The weighted median is q = 0.5 (equal weights, even n: the lower
-    middle value). Weights with S = 0 or non-finite S fall back to equal weights.
+    middle value). Weights with S = 0 or non-finite S fall back to equal weights. An empty scope
+    has no quantile: NaN, as its weighted mean (0/0) is.
     """
     v, w = values.double(), weights.double()
+    if v.numel() == 0:
+        return v.new_tensor(float("nan"))
     total = w.sum()
     if not torch.isfinite(total) or total <= 0:
         w, total = torch.ones_like(v), v.new_tensor(float(v.numel()))
