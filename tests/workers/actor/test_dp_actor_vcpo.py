@@ -66,12 +66,14 @@ def make_batch(seed: int = 3) -> DataProto:
 
 
 def brute_force(model, prompts, responses, response_mask, i) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trajectory i alone, unpadded: (log pi(y_t) [R] float64, zero-padded; grad of sum_t log pi, flat)."""
+    """Trajectory i alone, unpadded: (m_t log pi(y_t) [R] float64, zero-padded; grad of sum_t m_t log pi,
+    flat). Tokens up to the last kept one are in the context; masked ones among them are not scored."""
     prompt = prompts[i][prompts[i] != 0]
-    r_len = int(response_mask[i].sum())
+    r_len = int(torch.nonzero(response_mask[i]).max()) + 1
+    keep = response_mask[i, :r_len].double()
     ids = torch.cat([prompt, responses[i, :r_len]])[None]
     logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double() / TEMPERATURE
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1)
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1) * keep
     grads = torch.autograd.grad(logp.sum(), list(model.parameters()))
     padded = torch.zeros(R, dtype=torch.float64)
     padded[:r_len] = logp.detach()
@@ -94,7 +96,8 @@ def independent_update(data: DataProto, ess_on: bool, scope: str | None, grad_cl
     ess_ratio = float(w.sum() ** 2 / (w ** 2).sum()) / len(data)
     scale = math.sqrt(min(1.0, ess_ratio)) if ess_on else 1.0
     sq = grads.pow(2).sum(-1)
-    advantages = b["advantages"][:, 0].double()
+    # Each trajectory's outcome advantage: the mean over its kept tokens (it is constant on them).
+    advantages = (b["advantages"].double() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     baselines = torch.zeros(len(data), dtype=torch.float64)
     if scope is None:
         c = advantages
@@ -167,6 +170,24 @@ def test_update_equals_independent_vcpo_step_and_methods_agree(ess_on, scope):
     if scope:
         assert ((params["batched"] - params["per_traj"]).norm() / expected["delta"].norm()).item() < 1e-5
     assert 0.0 < expected["ess_ratio"] < 0.95  # the scaling did something
+
+
+def test_minibatch_scope_reads_the_advantage_of_a_trajectory_whose_first_token_is_masked():
+    # A masked gap at the start of a response: the trajectory's advantage lives on its kept tokens
+    # only, and the minibatch baseline must still use it (reading position 0 would give 0).
+    data = make_batch()
+    b = data.batch
+    i = int(torch.nonzero(b["response_mask"].sum(-1) >= 2)[0])
+    b["response_mask"][i, 0] = 0.0
+    b["advantages"][i, 0] = 0.0
+    b["rollout_log_probs"][i, 0] = 0.0
+    assert b["advantages"][i, 1] != 0.0
+    expected = independent_update(data, False, "minibatch")
+    for method in ("batched", "per_traj"):
+        model = make_model()
+        metrics = vcpo_actor(model, False, "minibatch", method, grad_clip=expected["clip"]).update_policy(data)
+        assert_update(model, expected)
+        assert metrics["actor/opob_baseline_mean"] == pytest.approx(expected["baseline_mean"], rel=1e-4, abs=1e-6)
 
 
 def test_lr_scale_applies_to_one_step_and_scheduler_lr_is_restored():

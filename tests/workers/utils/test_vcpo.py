@@ -27,6 +27,7 @@ from verl.workers.utils.vcpo import (
     opob_surrogate_loss,
     scaled_lr_step,
     scope_normalized_weights,
+    trajectory_advantages,
     vcpo_metrics,
     weighted_quantile,
 )
@@ -367,3 +368,11 @@ def test_min_lr_rule_on_an_empty_minibatch_skips_the_step_and_names_a_missing_ba
     assert ess_lr_scale(float("nan"), 1.0, "linear", "min_lr", batch_size=4) == (0.25, True)
     with pytest.raises(ValueError, match="batch_size"):
         ess_lr_scale(float("nan"), 1.0, "sqrt", "min_lr")
+
+
+def test_trajectory_advantage_does_not_depend_on_where_the_mask_starts():
+    # Outcome advantages broadcast over the kept tokens (0 where masked). A trajectory whose first
+    # response token is masked still has its advantage; one with no token has 0.
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 0]])
+    advantages = torch.tensor([[0.5, 0.5, 0.0], [0.0, -1.25, -1.25], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(trajectory_advantages(advantages, mask), torch.tensor([0.5, -1.25, 0.0]))

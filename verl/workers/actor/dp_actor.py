@@ -341,7 +341,7 @@ class DataParallelPPOActor:
         if cfg.grad_baselining.scope == "group":
             values, group_ids = mini["scores"], mini["group_ids"]
         else:
-            values, group_ids = mini["advantages"][:, 0].float(), None
+            values, group_ids = vcpo.trajectory_advantages(mini["advantages"], mask), None
         result = vcpo.compute_opob(cfg.grad_baselining, values, sq_grad_norms, log_w, w_trunc, lengths,
                                    group_ids, self.process_group)
         k = vcpo.opob_loss_coefficients(result.coefficients, w_trunc, lengths, max(float(num_seqs), 1.0))

@@ -334,6 +334,16 @@ def scope_normalized_weights(log_weights: torch.Tensor) -> torch.Tensor:
     return torch.exp(lw - top)
 
 
+def trajectory_advantages(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Each trajectory's (outcome) advantage [B], float32: its value at the first response token the
+    mask keeps, wherever that is (0 for a trajectory with no response token). Minibatch-scope OPOB
+    aggregates these."""
+    keep = response_mask > 0
+    first = keep.int().argmax(dim=-1, keepdim=True)
+    value = advantages.gather(-1, first).squeeze(-1).float()
+    return torch.where(keep.any(dim=-1), value, torch.zeros_like(value))
+
+
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ W v / Σ W; the plain mean when Σ W is 0 or non-finite (the weighted one is undefined)."""
     v, w = values.double(), weights.double()
