@@ -1,7 +1,9 @@
 """HF <-> Megatron-Core weight conversion for Qwen2/Llama (model dir -> Megatron actor -> param sync -> engines).
 
 ``load_hf_weights`` gives each rank the shards it owns of an HF state dict; ``export_hf_weights``
-reassembles full HF-named tensors on global rank 0 for the rollout engines. Layout facts used:
+reassembles full HF-named tensors on global rank 0 for the rollout engines; the offline model merger
+(``verl.model_merger``) reassembles them from checkpoint rank files with the same table and rules
+(``hf_counterpart``, ``hf_tensors_from_megatron_shards``, ``complete_hf_state_dict``). Layout facts used:
 - linear_qkv rows are grouped per query group g: [q heads of g (n_rep * d), k_g (d), v_g (d)],
   with n_rep = heads / kv_heads; TP rank r owns query groups [r * G/tp, (r+1) * G/tp).
 - linear_fc1 on TP rank r is [gate rows of r; up rows of r] (SwiGLU: silu(first half) * second).
@@ -13,8 +15,9 @@ reassembles full HF-named tensors on global rank 0 for the rollout engines. Layo
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,6 +26,16 @@ from verl.models.mcore.config import hf_has_qkv_bias, hf_head_dim
 from verl.utils.megatron.parallel import ParallelGroups
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+class StageShard(Protocol):
+    """Which tensor-parallel shard and pipeline stage a rank holds. ``ParallelGroups`` is one (live
+    ranks); the offline merger describes a checkpoint rank file with another."""
+
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
 
 
 def hf_state_dict_keys(hf_config: Any) -> list[str]:
@@ -63,17 +76,17 @@ def split_qkv(fused: torch.Tensor, hf_config: Any) -> tuple[torch.Tensor, torch.
     return q.reshape(groups * n_rep * d, *tail), k.reshape(groups * d, *tail), v.reshape(groups * d, *tail)
 
 
-def _unfuse_fc1(full: torch.Tensor, groups: ParallelGroups) -> tuple[torch.Tensor, torch.Tensor]:
+def _unfuse_fc1(full: torch.Tensor, groups: StageShard) -> tuple[torch.Tensor, torch.Tensor]:
     # TP-gathered rows are [gate_0; up_0; gate_1; up_1; ...] (one pair per TP rank).
     per_rank = full.reshape(groups.tp_size, 2, full.shape[0] // (2 * groups.tp_size), *full.shape[1:])
     return per_rank[:, 0].reshape(-1, *full.shape[1:]), per_rank[:, 1].reshape(-1, *full.shape[1:])
 
 
-def _shard(full: torch.Tensor, dim: int, groups: ParallelGroups) -> torch.Tensor:
+def _shard(full: torch.Tensor, dim: int, groups: StageShard) -> torch.Tensor:
     return full.chunk(groups.tp_size, dim=dim)[groups.tp_rank]
 
 
-def _hf_layer_index(local_index: int, hf_config: Any, groups: ParallelGroups) -> int:
+def _hf_layer_index(local_index: int, hf_config: Any, groups: StageShard) -> int:
     return groups.pp_rank * (hf_config.num_hidden_layers // groups.pp_size) + local_index
 
 
@@ -91,6 +104,11 @@ class HFCounterpart:
     layout: str
     exported: bool = True
 
+    @property
+    def tp_dim(self) -> int | None:
+        """The dim along which TP shards concatenate (None: replicated, every TP rank holds it whole)."""
+        return {"replicated": None, "cols": 1}.get(self.layout, 0)
+
 
 _LAYER_PARAMS: dict[str, tuple[tuple[str, ...], str]] = {
     "input_layernorm.weight": (("input_layernorm.weight",), "replicated"),
@@ -103,8 +121,9 @@ _LAYER_PARAMS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def hf_counterpart(name: str, hf_config: Any, groups: ParallelGroups) -> HFCounterpart:
-    """The one Megatron -> HF name table, used by both ``load_hf_weights`` and ``export_hf_weights``."""
+def hf_counterpart(name: str, hf_config: Any, groups: StageShard) -> HFCounterpart:
+    """The one Megatron -> HF name table, used by ``load_hf_weights``, ``export_hf_weights`` and the
+    offline merger (``verl.model_merger``)."""
     if name == "embedding.word_embeddings.weight":
         return HFCounterpart(("model.embed_tokens.weight",), "rows")
     if name == "output_layer.weight":
@@ -123,7 +142,7 @@ def hf_counterpart(name: str, hf_config: Any, groups: ParallelGroups) -> HFCount
 
 
 def megatron_shard_from_hf(name: str, hf: dict[str, torch.Tensor], hf_config: Any,
-                            groups: ParallelGroups) -> torch.Tensor:
+                            groups: StageShard) -> torch.Tensor:
     """This rank's value of Megatron parameter ``name``, cut from the full HF tensors."""
     where = hf_counterpart(name, hf_config, groups)
     tensors = [hf[key] for key in where.hf_keys]
@@ -139,7 +158,7 @@ def megatron_shard_from_hf(name: str, hf: dict[str, torch.Tensor], hf_config: An
 
 
 def hf_tensors_from_megatron(name: str, full: torch.Tensor, hf_config: Any,
-                             groups: ParallelGroups) -> dict[str, torch.Tensor]:
+                             groups: StageShard) -> dict[str, torch.Tensor]:
     """Inverse of ``megatron_shard_from_hf`` for the TP-gathered ``full`` tensor of ``name``."""
     where = hf_counterpart(name, hf_config, groups)
     if not where.exported:
@@ -152,6 +171,35 @@ def hf_tensors_from_megatron(name: str, full: torch.Tensor, hf_config: Any,
         return {where.hf_keys[0]: full}
     # The parts are views into the gathered tensor; own them so it can be freed.
     return {key: part.clone() for key, part in zip(where.hf_keys, parts)}
+
+
+def hf_tensors_from_megatron_shards(name: str, shards: Sequence[torch.Tensor], hf_config: Any,
+                                    stage: StageShard) -> dict[str, torch.Tensor]:
+    """Full HF tensors of Megatron parameter ``name`` from its values on the TP ranks of ``stage``.
+
+    ``shards`` are in TP-rank order, one per rank; a replicated parameter may pass TP rank 0's
+    alone (its copy is the one kept). The one TP concat rule, for live export and offline merge.
+    """
+    where = hf_counterpart(name, hf_config, stage)
+    if where.tp_dim is None:
+        full = shards[0]
+    elif len(shards) != stage.tp_size:
+        raise ValueError(f"{name}: got {len(shards)} tensor-parallel shards, the layout has tp_size={stage.tp_size}")
+    else:
+        full = shards[0] if stage.tp_size == 1 else torch.cat(list(shards), dim=where.tp_dim)
+    return hf_tensors_from_megatron(name, full, hf_config, stage)
+
+
+def complete_hf_state_dict(tensors: dict[str, torch.Tensor], hf_config: Any) -> dict[str, torch.Tensor]:
+    """All stages' HF tensors in ``AutoModelForCausalLM.state_dict()`` key order; for tied embeddings
+    ``lm_head.weight`` is the embedding tensor itself. A missing key raises ``KeyError``."""
+    if hf_config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
+        tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
+    keys = hf_state_dict_keys(hf_config)
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise KeyError(f"export is missing HF keys {missing[:5]} ({len(missing)} in all)")
+    return {key: tensors[key] for key in keys}
 
 
 @torch.no_grad()
@@ -169,20 +217,28 @@ def load_hf_weights(model: torch.nn.Module, hf_state_dict: dict[str, torch.Tenso
         param.copy_(value.to(dtype=param.dtype, device=param.device))
 
 
-def _gather_tp(param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
-    """The full tensor of a TP-sharded parameter (concatenated along its partition dim); replicated ones as is."""
-    if groups.tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return param.detach()
+def _tp_shards(name: str, param: torch.Tensor, where: HFCounterpart, groups: ParallelGroups) -> list[torch.Tensor]:
+    """This parameter's value on every TP rank (all-gathered; a replicated one: this rank's alone),
+    after checking that Megatron shards it the way the name table says."""
+    if groups.tp_size == 1:
+        return [param.detach()]
+    megatron_dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    if megatron_dim != where.tp_dim:
+        raise ValueError(f"{name}: Megatron splits it along dim {megatron_dim}, the name table's layout "
+                         f"{where.layout!r} along {where.tp_dim} (None: replicated)")
+    if megatron_dim is None:
+        return [param.detach()]
     parts = [torch.empty_like(param) for _ in range(groups.tp_size)]
     dist.all_gather(parts, param.detach().contiguous(), group=groups.tp)
-    return torch.cat(parts, dim=param.partition_dim)
+    return parts
 
 
 def _stage_hf_tensors(model: torch.nn.Module, hf_config: Any, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     """This stage's parameters as full HF-named fp32 CPU tensors (collective over the TP group)."""
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
-        out.update(hf_tensors_from_megatron(name, _gather_tp(param, groups).float().cpu(), hf_config, groups))
+        shards = [s.float().cpu() for s in _tp_shards(name, param, hf_counterpart(name, hf_config, groups), groups)]
+        out.update(hf_tensors_from_megatron_shards(name, shards, hf_config, groups))
     return out
 
 
@@ -212,9 +268,4 @@ def export_hf_weights(model: torch.nn.Module, hf_config: Any, groups: ParallelGr
             stage.update(part)
     if dist.get_rank() != 0:
         return None
-    if hf_config.tie_word_embeddings:
-        stage["lm_head.weight"] = stage["model.embed_tokens.weight"]
-    missing = [k for k in hf_state_dict_keys(hf_config) if k not in stage]
-    if missing:
-        raise KeyError(f"export is missing HF keys {missing[:5]} ({len(missing)} in all)")
-    return {key: stage[key] for key in hf_state_dict_keys(hf_config)}
+    return complete_hf_state_dict(stage, hf_config)
