@@ -2,7 +2,8 @@
 
 Usage: python scripts/data/prepare_gsm8k.py --input gsm8k/train.jsonl --out data/gsm8k/train.parquet --split train
 No downloads: fetch the original files yourself. The ground truth is the number after ``####``
-with thousands separators removed.
+with thousands separators removed, and the data source veRL's ``openai/gsm8k``, which veRL's
+GSM8K rule scores (verl/utils/reward_score/gsm8k.py; ``--data_source gsm8k_lenient`` for ours).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", required=True, help="GSM8K jsonl file")
     parser.add_argument("--out", required=True, help="output parquet path")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--data_source", default="gsm8k")
+    parser.add_argument("--data_source", default="openai/gsm8k", help="selects the reward rule (docs/rewards.md)")
     args = parser.parse_args(argv)
 
     rows = convert(args.input, args.split, args.data_source)

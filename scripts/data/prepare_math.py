@@ -3,7 +3,10 @@
 Usage: python scripts/data/prepare_math.py --input MATH/test --out data/math/test.parquet --split test
 ``--input`` is a jsonl file, a json file (one problem or a list), or a directory searched
 recursively for ``*.json`` (the original release's one-file-per-problem layout). No downloads.
-The ground truth is the content of the solution's last ``\\boxed{}``, braces matched.
+The ground truth is the content of the solution's last ``\\boxed{}``, braces matched. The data
+source is veRL's ``DigitalLearningGmbH/MATH-lighteval``, which veRL's boxed-answer string match
+scores (verl/utils/reward_score/math_reward.py; ``--data_source math_lenient`` for math-verify).
+Not ``math``: veRL and the release route that name to DAPO's ``Answer:`` rule.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", required=True, help="MATH jsonl/json file or directory of json files")
     parser.add_argument("--out", required=True, help="output parquet path")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--data_source", default="math")
+    parser.add_argument("--data_source", default="DigitalLearningGmbH/MATH-lighteval",
+                        help="selects the reward rule (docs/rewards.md)")
     args = parser.parse_args(argv)
 
     rows = convert(args.input, args.split, args.data_source)

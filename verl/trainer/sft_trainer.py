@@ -20,7 +20,7 @@ import torch
 
 from verl.models.loader import load_model_and_tokenizer
 from verl.trainer.config import WarmStartConfig
-from verl.utils.dataset.countdown import solve
+from verl.utils.dataset.countdown import DATA_SOURCE, solve
 
 
 def countdown_sft_examples(train_files: Sequence[str], limit: int | None = None) -> list[tuple[list[dict], str]]:
@@ -29,7 +29,7 @@ def countdown_sft_examples(train_files: Sequence[str], limit: int | None = None)
     for f in train_files:
         df = pd.read_parquet(f, columns=["data_source", "prompt", "reward_model"])
         for source, prompt, rm in zip(df["data_source"], df["prompt"], df["reward_model"]):
-            if source != "countdown":
+            if source != DATA_SOURCE:
                 continue
             gt = rm["ground_truth"]
             solutions = solve(list(gt["numbers"]), int(gt["target"]))
@@ -117,6 +117,20 @@ def warm_start_cache_key(base_identity: str, train_files: Sequence[str], config:
     return h.hexdigest()[:16]
 
 
+def check_warm_start_data(train_files: Sequence[str]) -> None:
+    """Refuse Countdown rows whose data source is the release's ``countdown``: its rule reads only
+    ``<answer>``/``\\boxed{}`` answers and scores the bare expressions the warm start teaches 0. Files
+    generated before the rules were split carry it (ours now write ``countdown_lenient``)."""
+    for f in train_files:
+        count = int((pd.read_parquet(f, columns=["data_source"])["data_source"] == "countdown").sum())
+        if count:
+            raise ValueError(
+                f"{f}: {count} rows have data_source='countdown', whose rule (the release's) scores the bare "
+                f"expressions the warm start teaches 0; the generator now writes data_source='{DATA_SOURCE}'. "
+                "Delete the file to have it regenerated (or rerun scripts/data/prepare_countdown.py), or set "
+                "actor_rollout_ref.model.warm_start.enable=false")
+
+
 def cached_warm_start(
     model_path: str,
     base_identity: str,
@@ -126,6 +140,7 @@ def cached_warm_start(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Return the warm-started checkpoint for these settings, training it on first use."""
+    check_warm_start_data(train_files)
     key = warm_start_cache_key(base_identity, train_files, config)
     out = Path(cache_dir) / f"warm_start-{key}"
     if (out / "config.json").exists():

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from verl.models.loader import load_model_and_tokenizer
 from verl.protocol import DataProto, to_object_array
-from verl.utils.reward_score import RewardManager
+from verl.utils.reward_score import RewardManager, default_compute_score
 from verl.workers.rollout import build_rollout_engine
 from verl.workers.rollout.base import GenerationRequest, SamplingParams, Trajectory
 from verl.workers.rollout.batch import trajectories_to_batch
@@ -33,14 +33,18 @@ class RolloutWorker:
         num_threads: int = 1,
         dtype: str = "float32",
         device: str = "cpu",
+        compute_score: Callable[..., Any] | None = None,
     ):
+        """``compute_score``: the scorer of every sample (a ``CustomRewardFunction``); ``None``
+        scores by ``data_source`` (``default_compute_score``)."""
         torch.set_num_threads(num_threads)
         self.config = rollout_config
         self.max_prompt_length = max_prompt_length
         model, self.tokenizer = load_model_and_tokenizer(model_path, dtype=dtype)
         model.to(device).eval()
         self.engine = build_rollout_engine(rollout_config, model, self.tokenizer)
-        self.reward = RewardManager(timeout_s=reward_timeout_s, startup_timeout_s=reward_startup_timeout_s)
+        self.reward = RewardManager(timeout_s=reward_timeout_s, startup_timeout_s=reward_startup_timeout_s,
+                                    compute_score=compute_score or default_compute_score)
 
     def _sampling(self, mode: str) -> tuple[SamplingParams, int]:
         eos = self.tokenizer.eos_token_id
@@ -106,6 +110,7 @@ class RolloutWorker:
                 "timing/reward_s": time.perf_counter() - t1,
                 "rollout/tokens_per_s": num_tokens / max(gen_s, 1e-9),
                 "rollout/param_version": self.engine.version,
+                # reward/mean, error and timeout counts, and reward/extra/<key>/mean of dict scores.
                 **reward_stats,
             }
         )

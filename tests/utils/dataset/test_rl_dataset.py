@@ -49,8 +49,8 @@ def test_items_hold_chat_template_ids_and_row_fields(tmp_path, tokenizer):
     assert item["raw_prompt"] == raw[0]["prompt"]
     assert item["ground_truth"] == raw[0]["reward_model"]["ground_truth"]
     assert item["extra_info"] == {"split": "test", "index": 0}
-    assert item["data_source"] == "countdown" and item["index"] == 30 and item["ability"] == "arithmetic"
-    assert dataset.data_sources() == ["countdown"]
+    assert item["data_source"] == "countdown_lenient" and item["index"] == 30 and item["ability"] == "arithmetic"
+    assert dataset.data_sources() == ["countdown_lenient"]
 
 
 def test_chat_prompt_ids_matches_single_calls(tokenizer):

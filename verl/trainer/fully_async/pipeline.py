@@ -22,6 +22,7 @@ from verl.trainer.fully_async.reorder_buffer import ReorderBuffer
 from verl.trainer.fully_async.rollouter import Rollouter
 from verl.trainer.fully_async.staleness import check_lag_bound, staleness_metrics
 from verl.utils.dataset.rl_dataset import PromptSampler, RLDataset, collate_prompts
+from verl.utils.reward_score import CustomRewardFunction
 
 _POLL_S = 1.0
 
@@ -50,11 +51,15 @@ class AsyncRolloutPipeline:
         self.queue = ray.remote(num_cpus=0, max_concurrency=4)(ReorderBuffer).remote(
             self.at.queue_capacity(self.groups_per_step))
         rollout = config.actor_rollout_ref.rollout
+        custom = config.custom_reward_function
+        # Pickled as its path: each rollouter (and its reward worker) loads the file itself.
+        compute_score = (CustomRewardFunction(custom.path, custom.name, custom.reward_kwargs)
+                         if custom.path is not None else None)
         worker_kwargs = dict(model_path=model_path, rollout_config=rollout,
                              max_prompt_length=config.data.max_prompt_length,
                              reward_timeout_s=config.reward_model.timeout_s,
                              reward_startup_timeout_s=config.reward_model.startup_timeout_s, num_threads=num_threads,
-                             dtype=rollout.dtype, device=config.trainer.device)
+                             dtype=rollout.dtype, device=config.trainer.device, compute_score=compute_score)
         rollouter_cls = ray.remote(num_cpus=cpu_share, max_concurrency=4, runtime_env=env)(Rollouter)
         self.rollouters = [
             rollouter_cls.remote(worker_kwargs, self.queue, self.at.k, self.groups_per_step,
@@ -134,7 +139,8 @@ class AsyncRolloutPipeline:
         metrics = staleness_metrics(step, nt["param_version_start"], nt["param_version_end"])
         metrics.update(queue_metrics)
         metrics["timing/queue_wait_s"] = wait_s
-        for key in group_metrics[0]:
+        # Keys from every group: a group whose samples all failed reports no reward/extra/* keys.
+        for key in dict.fromkeys(key for m in group_metrics for key in m):
             values = [m[key] for m in group_metrics if key in m]
             # Counts add up over groups; rates, means and times of shared generate calls do not.
             metrics[key] = float(np.sum(values) if key.startswith("reward/num_") else np.mean(values))

@@ -4,7 +4,9 @@ A problem is a multiset of numbers and a target; a solution is an arithmetic exp
 uses every number exactly once, e.g. numbers 3,7,12 and target 43 -> ``12*3+7``. Targets are
 the value of a random expression over all the numbers, so every problem is solvable. The
 prompt is compact for a character-level model (``"3,7,12:43"``) and the answer is the bare
-expression (``12*3+7``), ended by the tokenizer's end token.
+expression (``12*3+7``), ended by the tokenizer's end token. Rows carry the data source
+``countdown_lenient``, the rule that reads bare expressions (the release's ``countdown`` rule
+reads only ``<answer>`` or ``\\boxed{}`` answers; ``verl/utils/reward_score/countdown_lenient.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pyarrow.parquet as pq
 
 from verl.utils.config import ConfigError, check_positive, config_section
 
-DATA_SOURCE = "countdown"
+DATA_SOURCE = "countdown_lenient"
 ABILITY = "arithmetic"
 ALL_OPERATORS = "+-*/"
 

@@ -1,14 +1,16 @@
 """Batch reward scoring that survives bad scorers (reward step between rollout and the queue).
 
 The rule: every sample gets a finite score. A scorer that raises, returns something that is not
-a finite number, or crashes its process scores 0 and counts in ``reward/num_errors``; one that
-runs longer than ``timeout_s`` scores 0 and counts in ``reward/num_timeouts``. Nothing a scorer
-does stops the batch.
+a finite number (or a dict whose ``score`` is not one), or crashes its process scores 0 and
+counts in ``reward/num_errors``; one that runs longer than ``timeout_s`` scores 0 and counts in
+``reward/num_timeouts``. Nothing a scorer does stops the batch. A dict's other numeric entries
+are averaged over the samples that returned them, as ``reward/extra/<key>/mean``.
 
 Samples go one at a time to a persistent worker subprocess; on a timeout the worker is killed
 and the next sample starts a fresh one. This works from any thread (the trainer runs inside a
 Ray actor), unlike ``signal.alarm``. Data sources whose scorers are pure, bounded-time string
-code (countdown's tree walker, gsm8k's regex) are scored in-process, still under try/except.
+code (every built-in rule but math-verify's) are scored in-process, still under try/except; a
+custom reward function always runs in the worker.
 A worker that cannot start or cannot import the scorer raises RuntimeError: that is a
 configuration error, not one sample's fault.
 """
@@ -31,13 +33,10 @@ from typing import Any
 import numpy as np
 
 from verl.utils.config import check_positive
-from verl.utils.reward_score.dispatch import default_compute_score, reward_family
-from verl.utils.reward_score.worker import HEADER, write_frame
+from verl.utils.reward_score.dispatch import default_compute_score, scored_in_process
+from verl.utils.reward_score.worker import HEADER, split_result, write_frame
 
 logger = logging.getLogger(__name__)
-
-# Scorer families safe to run in the trainer's own process: no third-party parser, bounded time.
-IN_PROCESS_FAMILIES = frozenset({"countdown", "gsm8k"})
 
 
 class _WorkerTimeout(Exception):
@@ -113,16 +112,16 @@ class _ScoringWorker:
 
 class RewardManager:
     """Scores batches of decoded responses with ``compute_score(data_source, solution_str,
-    ground_truth, extra_info) -> float`` under the rule in this module's docstring.
+    ground_truth, extra_info) -> float | dict`` under the rule in this module's docstring.
 
-    ``compute_score`` must be picklable (a module-level function, or a ``functools.partial`` of
-    one) because the worker process receives it. ``in_process_sources`` lists data sources
-    scored without the worker; by default those of the built-in countdown and gsm8k scorers when
-    ``compute_score`` is ``default_compute_score``, none otherwise.
+    ``compute_score`` must be picklable (a module-level function, a ``functools.partial`` of one,
+    or a ``CustomRewardFunction``) because the worker process receives it. ``in_process_sources``
+    lists data sources scored without the worker; by default those whose built-in rule is
+    in-process when ``compute_score`` is ``default_compute_score``, none otherwise.
     """
 
     def __init__(self, timeout_s: float = 5.0,
-                 compute_score: Callable[[str, str, Any, dict | None], float] = default_compute_score,
+                 compute_score: Callable[[str, str, Any, dict | None], float | dict] = default_compute_score,
                  in_process_sources: Collection[str] | None = None, startup_timeout_s: float = 60.0):
         check_positive("reward_model.timeout_s", timeout_s)
         check_positive("reward_model.startup_timeout_s", startup_timeout_s)
@@ -137,12 +136,7 @@ class RewardManager:
     def _scores_in_process(self, data_source: str) -> bool:
         if self._in_process_sources is not None:
             return data_source in self._in_process_sources
-        if self.compute_score is not default_compute_score:
-            return False
-        try:
-            return reward_family(data_source) in IN_PROCESS_FAMILIES
-        except ValueError:
-            return True  # the in-process call raises the unknown-source error and counts it
+        return self.compute_score is default_compute_score and scored_in_process(data_source)
 
     def _score_in_worker(self, args: tuple) -> tuple[str, Any]:
         try:
@@ -164,7 +158,8 @@ class RewardManager:
 
     def score(self, data_sources: Sequence[str], responses: Sequence[str], ground_truths: Sequence[Any],
               extra_infos: Sequence[dict | None] | None = None) -> tuple[np.ndarray, dict[str, float]]:
-        """Scores (float32, one per sample) and ``reward/*`` metrics for one batch."""
+        """Scores (float32, one per sample) and ``reward/*`` metrics for one batch, including
+        ``reward/extra/<key>/mean`` for each extra a dict-returning scorer reported."""
         count = len(responses)
         if not (len(data_sources) == len(ground_truths) == count):
             raise ValueError(f"reward: {len(data_sources)} data sources, {count} responses, "
@@ -172,21 +167,24 @@ class RewardManager:
         extra_infos = [None] * count if extra_infos is None else extra_infos
         scores = np.zeros(count, dtype=np.float32)
         num_errors = num_timeouts = 0
+        extras: dict[str, list[float]] = {}
         start = time.perf_counter()
         with self._lock:
             for i in range(count):
                 args = (data_sources[i], responses[i], ground_truths[i], extra_infos[i])
                 if self._scores_in_process(data_sources[i]):
                     try:
-                        status, value = "ok", float(self.compute_score(*args))
+                        status, value = "ok", split_result(self.compute_score(*args))
                     except Exception as exc:
                         status, value = "error", repr(exc)[:500]
                 else:
                     status, value = self._score_in_worker(args)
-                if status == "ok" and not math.isfinite(value):
-                    status, value = "error", f"non-finite score {value}"
+                if status == "ok" and not math.isfinite(value[0]):
+                    status, value = "error", f"non-finite score {value[0]}"
                 if status == "ok":
-                    scores[i] = value
+                    scores[i] = value[0]
+                    for key, extra in value[1].items():
+                        extras.setdefault(key, []).append(extra)
                 elif status == "timeout":
                     num_timeouts += 1
                     logger.warning("reward timeout (> %.1f s) for sample %d, data_source=%r", self.timeout_s, i,
@@ -200,6 +198,7 @@ class RewardManager:
             "reward/num_timeouts": float(num_timeouts),
             "reward/time_s": time.perf_counter() - start,
         }
+        stats.update({f"reward/extra/{key}/mean": float(np.mean(values)) for key, values in sorted(extras.items())})
         return scores, stats
 
     def close(self) -> None:

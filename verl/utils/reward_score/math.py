@@ -1,5 +1,9 @@
 """MATH-style reward via math-verify, plus ``\\boxed{}`` extraction (reward step after rollout;
-the extraction also serves the MATH data preparer).
+the extraction also serves the MATH data preparer); data source ``math_lenient``.
+
+Our own rule, kept as an option beside veRL's (``math_reward.py``, string equality after
+normalization): math-verify accepts any equivalent form (``0.5`` for ``\\frac{1}{2}``,
+``(x+1)^2`` for ``x^2+2x+1``) where veRL's string match gives 0.
 
 ``compute_score`` never raises: any parser or verifier failure scores 0. math-verify guards
 itself with ``signal.alarm`` timeouts, which only work in a process's main thread; elsewhere

@@ -2,19 +2,40 @@
 
 ``RewardManager`` starts a Python process that calls ``main``. Protocol over stdin/stdout, each
 message a little-endian u64 length followed by a pickle: first the scoring function, answered
-by ``("ready", None)``; then argument tuples, each answered by ``("ok", float)`` or
-``("error", message)``. The parent kills this process when a sample overruns its timeout.
+by ``("ready", None)`` (or ``("error", message)`` when it cannot be unpickled, e.g. a custom
+reward file that no longer imports); then argument tuples, each answered by
+``("ok", (score, extras))`` (``split_result`` of what the scorer returned) or ``("error", message)``.
+The parent kills this process when a sample overruns its timeout.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import pickle
 import struct
 import sys
 import traceback
+from typing import Any
+
+import numpy as np
 
 HEADER = struct.Struct("<Q")
+
+
+def split_result(result: Any) -> tuple[float, dict[str, float]]:
+    """A scorer's return value as (score, extras). A number is the score; a dict's ``score`` is,
+    and its other entries that are finite real numbers (bools included) are extras, logged as
+    metrics; others (strings such as DAPO's ``pred``) are dropped. Raises on a dict without
+    ``score`` or a score that is not a number (``None``, a string that is not one)."""
+    if isinstance(result, dict):
+        if "score" not in result:
+            raise ValueError(f"reward dict has no 'score' (keys: {sorted(map(str, result))})")
+        extras = {str(key): float(value) for key, value in result.items()
+                  if key != "score" and isinstance(value, (numbers.Real, np.bool_)) and math.isfinite(value)}
+        return float(result["score"]), extras
+    return float(result), {}
 
 
 def write_frame(fd: int, payload: bytes) -> None:
@@ -66,7 +87,7 @@ def main() -> None:
 
     while (frame := read_frame(channel_in)) is not None:
         try:
-            reply = ("ok", float(compute_score(*pickle.loads(frame))))
+            reply = ("ok", split_result(compute_score(*pickle.loads(frame))))
         except Exception as exc:
             reply = ("error", _error_message(exc))
         write_frame(channel_out, pickle.dumps(reply))

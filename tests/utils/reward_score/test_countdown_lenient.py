@@ -1,4 +1,5 @@
-"""Countdown reward: correct answers score 1; wrong, reused, missing and malicious expressions score 0 fast."""
+"""Countdown rule of our CPU task (countdown_lenient): correct answers score 1; wrong, reused, missing and
+malicious expressions score 0 fast."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from verl.utils.reward_score.countdown import compute_score, extract_expression
+from verl.utils.reward_score.countdown_lenient import compute_score, extract_expression
 
 TRUTH = {"target": 43, "numbers": [3, 7, 12]}
 
