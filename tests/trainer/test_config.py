@@ -70,6 +70,10 @@ def test_overrides_reach_the_typed_config():
         (["data.train_batch_size=many"], "data.train_batch_size", "valid integer"),
         # The list item is the bad value: pydantic names its index.
         (["trainer.logger=[console,mlflow]"], "trainer.logger.1", "jsonl"),
+        (["trainer.val_only=true", "data.val_files=[]"], "trainer.val_only", "data.val_files"),
+        (["algorithm.use_kl_in_reward=true", "algorithm.kl_penalty=full"], "algorithm.kl_penalty", "low_var_kl"),
+        ([f"{ARR}.actor.use_kl_loss=true", f"{ARR}.ref.log_prob_use_dynamic_bsz=true"],
+         f"{ARR}.ref.log_prob_use_dynamic_bsz", "log_prob_micro_batch_size_per_gpu"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, key, fragment):

@@ -107,7 +107,8 @@ IGNORED_FILES = {"verl/trainer/config_reference.py"}
 # does. ``prefix.*`` covers a whole section.
 UNUSED_BY_DESIGN = {
     "critic.*": "every advantage estimator here is critic-free; veRL accepts the section unused",
-    "actor_rollout_ref.ref.*": "no KL term, so no reference policy; a start-up note says so",
+    "actor_rollout_ref.ref.megatron.*": "the reference policy shares the actor's layout (only param_offload is read); a start-up note says so",
+    "actor_rollout_ref.ref.fsdp_config.model_dtype": "the reference policy takes the actor's dtype; a start-up note says so",
     "actor_rollout_ref.hybrid_engine": "rollout and training are always separate workers; true is refused",
     "actor_rollout_ref.model.use_remove_padding": "batches are padded; a start-up note says so",
     "actor_rollout_ref.actor.megatron.use_remove_padding": "batches are padded; a start-up note says so",
@@ -115,25 +116,17 @@ UNUSED_BY_DESIGN = {
     "actor_rollout_ref.actor.megatron.optimizer_offload": "offload is not in this build; true is refused",
     "actor_rollout_ref.actor.megatron.grad_offload": "offload is not in this build; true is refused",
     "actor_rollout_ref.actor.use_dynamic_bsz": "token-budget micro-batches are not in this build; true is refused",
-    "actor_rollout_ref.actor.use_kl_loss": "no KL loss (no reference policy); true is refused",
-    "actor_rollout_ref.actor.kl_loss_coef": "used only with use_kl_loss; a start-up note flags a changed value",
-    "actor_rollout_ref.actor.kl_loss_type": "used only with use_kl_loss, which is refused",
     "actor_rollout_ref.actor.use_rollout_log_probs": "behaviour log-probs always come from the engine; false is refused",
     "actor_rollout_ref.rollout.mode": "the rollouter always drives its engine asynchronously; a start-up note says so",
     "actor_rollout_ref.rollout.calculate_log_probs": "every loss needs the behaviour log-probs; false is refused",
     "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz": "token-budget micro-batches are not in this build; true is refused",
     "actor_rollout_ref.rollout.multi_turn.*": "the multi-turn agent loop is not in this build; enable=true is refused",
-    "algorithm.use_kl_in_reward": "no KL-in-reward (no reference policy); true is refused",
-    "algorithm.kl_penalty": "used only with use_kl_in_reward, which is refused",
-    "algorithm.kl_ctrl.*": "used only with use_kl_in_reward, which is refused; a start-up note flags changes",
     "data.gen_batch_size": "the rollouter admits one prompt group at a time; a start-up note says so",
     "data.filter_overlong_prompts_workers": "prompts are filtered in-process; a start-up note says so",
     "data.return_raw_chat": "prompts are tokenized once by the dataset; a start-up note says so",
     "async_training.use_rollout_log_probs": "behaviour log-probs always come from the engine; false is refused",
-    "custom_reward_function.*": "custom scorers are not in this build; a path is refused",
     "reward_model.enable": "rewards are rule-based; true is refused",
     "reward_model.reward_manager": "one manager, 'naive' (scored one by one by data_source); the only value allowed",
-    "trainer.log_val_generations": "logging validation generations is not in this build; > 0 is refused",
 }
 
 

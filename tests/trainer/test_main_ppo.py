@@ -1,8 +1,9 @@
 """End to end through the user's entry point: Hydra config -> data -> Ray workers -> training.
 
 Proves a seeded synchronous run is reproducible, that resuming from a checkpoint reproduces
-the uninterrupted run's later metrics exactly, and that bad input fails at start-up with a
-message naming the file, row or key.
+the uninterrupted run's later metrics exactly, that bad input fails at start-up with a
+message naming the file, row or key, and that the validation artefacts (``log_val_generations``,
+``val_only``, ``val_before_train``) are what veRL users expect.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ray
 from verl.trainer.config import load_config
 from verl.trainer.main_ppo import prepare_model, run
 from verl.utils.dataset.countdown import write_countdown_parquet
+from verl.utils.reward_score import default_compute_score
 from verl.utils.tracking import read_metrics
 
 ARR = "actor_rollout_ref"
@@ -130,18 +132,24 @@ VCPO_ASYNC = ("async_training.skip_recompute_old_log_prob=true", "algorithm.roll
               f"{ARR}.actor.ess_scaling.enable=true", f"{ARR}.actor.grad_baselining.enable=true",
               f"{ARR}.actor.grad_baselining.norm_by_std=true", "async_training.staleness_threshold=2",
               "async_training.partial_rollout=true", "trainer.test_freq=0")
+# Both KL terms (a reference policy in every actor rank), the reward's with veRL's adaptive controller.
+KL_TERMS = (f"{ARR}.actor.use_kl_loss=true", f"{ARR}.actor.kl_loss_coef=0.05", f"{ARR}.actor.kl_loss_type=low_var_kl",
+            "algorithm.use_kl_in_reward=true", "algorithm.kl_penalty=low_var_kl", "algorithm.kl_ctrl.type=adaptive",
+            "algorithm.kl_ctrl.kl_coef=0.01", "algorithm.kl_ctrl.target_kl=0.001", "algorithm.kl_ctrl.horizon=100")
 
 
 @pytest.mark.slow
 def test_megatron_tp2_async_run_syncs_every_step_and_matches_torch_actor(assets, tmp_path):
     """Issue 6, acceptance 4: a fully-async VCPO run with the Megatron actor (TP = 2 with sequence
     parallelism) completes with weights synced to the engine after every step, and its first step
-    (trajectories of version 0 in either run) computes what the torch actor computes."""
+    (trajectories of version 0 in either run) computes what the torch actor computes. Both runs
+    carry both KL terms (issue 13): the reference policies agree, and the adaptive controller's
+    coefficient follows its rule from the logged KL, step by step."""
     megatron_dir, torch_dir = tmp_path / "megatron", tmp_path / "torch"
     dumps = tmp_path / "rollouts"
-    run(_config(assets, megatron_dir, *MEGATRON_TP2, *VCPO_ASYNC, "trainer.total_training_steps=4",
+    run(_config(assets, megatron_dir, *MEGATRON_TP2, *VCPO_ASYNC, *KL_TERMS, "trainer.total_training_steps=4",
                 f"trainer.rollout_data_dir={dumps}"))
-    run(_config(assets, torch_dir, *VCPO_ASYNC, "trainer.total_training_steps=1"))
+    run(_config(assets, torch_dir, *VCPO_ASYNC, *KL_TERMS, "trainer.total_training_steps=1"))
     steps = _by_step(megatron_dir)
     assert sorted(s for s in steps if s > 0) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
@@ -149,9 +157,18 @@ def test_megatron_tp2_async_run_syncs_every_step_and_matches_torch_actor(assets,
         assert steps[step]["staleness/start_lag_max"] <= 2
     assert max(steps[s]["staleness/start_lag_max"] for s in steps) >= 1  # the run really overlapped
     first_torch = _by_step(torch_dir)[1]
-    for key in ("actor/pg_loss", "actor/grad_norm", "actor/ess_ratio", "actor/lr_scale", "batch/score/mean"):
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/ess_ratio", "actor/lr_scale", "batch/score/mean",
+                "actor/kl_loss", "actor/reward_kl_penalty"):
         assert steps[1][key] == pytest.approx(first_torch[key], rel=1e-4, abs=1e-6), key
     assert steps[1]["actor/grad_norm"] > 0
+    # Step 1 trains the starting weights, which are the reference: the KL loss is 0; later the policy
+    # has moved away from it.
+    assert abs(steps[1]["actor/kl_loss"]) < 1e-5 and steps[4]["actor/kl_loss"] > 1e-6
+    beta = 0.01
+    for step in (1, 2, 3, 4):
+        assert steps[step]["actor/reward_kl_penalty_coeff"] == pytest.approx(beta, rel=1e-9)
+        error = min(max(steps[step]["actor/reward_kl_penalty"] / 0.001 - 1.0, -0.2), 0.2)
+        beta *= 1.0 + error * steps[step]["rollout/num_trajectories"] / 100
     # trainer.rollout_data_dir: one JSONL per step, one line per trained trajectory, whose scores
     # and lags are the step's logged statistics.
     for step in (1, 2, 3, 4):
@@ -160,3 +177,71 @@ def test_megatron_tp2_async_run_syncs_every_step_and_matches_torch_actor(assets,
         assert sum(r["score"] for r in rows) / len(rows) == pytest.approx(steps[step]["batch/score/mean"], abs=1e-6)
         assert max(r["lag"] for r in rows) == steps[step]["staleness/start_lag_max"]
         assert all(r["step"] == step and r["input"] and isinstance(r["output"], str) for r in rows)
+
+
+def _val_generations(run_dir: Path) -> dict[int, list[dict]]:
+    files = (run_dir / "val_generations").glob("*.jsonl")
+    return {int(f.stem): [json.loads(line) for line in f.read_text().splitlines()] for f in files}
+
+
+def _ground_truth(row) -> dict:
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in row["reward_model"]["ground_truth"].items()}
+
+
+@pytest.mark.slow
+def test_log_val_generations_logs_the_same_prompts_at_every_evaluation(assets, tmp_path):
+    """``trainer.log_val_generations=N``: every evaluation (step 0 with ``val_before_train``, then
+    each ``test_freq``) writes N greedy samples to ``val_generations/<step>.jsonl``, the same
+    held-out prompts each time, each scored as the task's reward scores its response."""
+    run_dir = tmp_path / "run"
+    run(_config(assets, run_dir, "trainer.total_training_steps=2", "trainer.test_freq=1",
+                "trainer.val_before_train=true", "trainer.log_val_generations=5", "trainer.save_freq=0"))
+    by_step = _val_generations(run_dir)
+    assert sorted(by_step) == [0, 1, 2]
+    held_out = pd.read_parquet(assets["test"])
+    chosen = [r["index"] for r in by_step[0]]
+    assert len(set(chosen)) == 5 and all(0 <= i < len(held_out) for i in chosen)
+    for step, records in by_step.items():
+        assert [r["index"] for r in records] == chosen
+        for r in records:
+            row = held_out.iloc[r["index"]]
+            assert r["step"] == step and r["mode"] == "greedy"
+            assert row["prompt"][0]["content"] in r["input"]
+            assert r["score"] == default_compute_score(r["data_source"], r["output"], _ground_truth(row))
+
+
+@pytest.mark.slow
+def test_val_only_validates_the_starting_weights_once_and_trains_nothing(assets, tmp_path):
+    """``trainer.val_only=true`` (even with ``val_before_train=false``): one evaluation at step 0,
+    whose logged samples (all held-out prompts here) average to the logged greedy accuracy; no
+    training step, no checkpoint; the report is written."""
+    run_dir = tmp_path / "run"
+    n_held_out = len(pd.read_parquet(assets["test"]))
+    run(_config(assets, run_dir, "trainer.val_only=true", f"trainer.log_val_generations={n_held_out}",
+                "trainer.total_training_steps=3", "trainer.save_freq=1"))
+    (record,) = read_metrics(run_dir)
+    assert record["step"] == 0 and not any(k.startswith(("actor/", "batch/")) for k in record)
+    (samples,) = _val_generations(run_dir).values()
+    assert sorted(r["index"] for r in samples) == list(range(n_held_out))
+    assert sum(r["score"] for r in samples) / n_held_out == pytest.approx(record["val/greedy_acc"], abs=1e-6)
+    assert record["val/greedy_acc"] > 0  # the warm start solves some: the equality is not 0 == 0
+    assert not (run_dir / "checkpoints").exists()
+    assert not (run_dir / "trajectories.jsonl").exists()
+    assert "greedy acc" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_val_only_after_a_run_validates_its_checkpoint(assets, tmp_path):
+    """``val_before_train=false`` skips the step-0 evaluation; ``val_only`` on a finished run
+    resumes its newest checkpoint and scores exactly what the run scored at that step (greedy
+    decoding of the same weights), adding no step."""
+    run_dir = tmp_path / "run"
+    run(_config(assets, run_dir, "trainer.total_training_steps=2", "trainer.save_freq=2"))
+    trained = _by_step(run_dir)
+    assert sorted(trained) == [1, 2] and "val/greedy_acc" in trained[2]
+    run(_config(assets, run_dir, "trainer.val_only=true", "trainer.total_training_steps=4"))
+    after = _by_step(run_dir)
+    assert sorted(after) == [1, 2]
+    for key in ("val/greedy_acc", "val/mean_at_4_acc", "time/wall_s"):
+        assert after[2][key] == trained[2][key], key
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["global_step_2"]

@@ -57,3 +57,27 @@ def test_unknown_logger_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as err:
         Tracking(tmp_path, ["console", "mlflow"])
     assert err.value.key == "trainer.logger" and "mlflow" in str(err.value)
+
+
+def test_validation_generations_reach_console_tensorboard_and_wandb(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    samples = [{"input": "3,4,5:35=", "output": "5*(3+4)$", "score": 1.0},
+               {"input": "1,1,2:9=", "output": "1+1+2$", "score": 0.0}]
+    tracker = Tracking(tmp_path, ["console", "tensorboard", "wandb"])
+    tracker.log_generations(samples, step=5)
+    tracker.log({"val/greedy_acc": 0.5}, step=5)
+    tracker.close()
+
+    assert "'3,4,5:35=' -> '5*(3+4)$', score 1" in capsys.readouterr().err
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    (text,) = events.Tensors("val/generations/text_summary")
+    assert text.step == 5 and "| 1,1,2:9= | 1+1+2$ | 0 |" in text.tensor_proto.string_val[0].decode()
+
+    (table_file,) = tmp_path.glob("wandb/offline-run-*/files/media/table/val/generations_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["step", "input", "output", "score"]
+    assert table["data"] == [[5, "3,4,5:35=", "5*(3+4)$", 1.0], [5, "1,1,2:9=", "1+1+2$", 0.0]]

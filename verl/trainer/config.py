@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BeforeValidator, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
-from verl.trainer.ppo.core_algos import ADV_ESTIMATORS
+from verl.trainer.ppo.core_algos import ADV_ESTIMATORS, KLEstimator
 from verl.utils.config import (
     ConfigError,
     UnknownKeyError,
@@ -226,11 +226,13 @@ class AlgorithmConfig:
     norm_adv_by_std_in_grpo: bool = True
     """GRPO: divide by the group's reward std."""
     use_kl_in_reward: bool = False
-    """Subtract a KL-to-reference penalty from the reward (not in this build)."""
-    kl_penalty: Literal["kl", "abs", "mse", "low_var_kl", "full"] = "kl"
-    """KL estimator of the reward penalty (used only with ``use_kl_in_reward``)."""
+    """Subtract beta * KL(mu || pi_ref) per token from the reward, beta from ``kl_ctrl`` (starts the reference policy)."""
+    kl_penalty: Literal[KLEstimator, "full"] = "kl"  # type: ignore[valid-type]
+    """KL estimator of the reward penalty (used only with ``use_kl_in_reward``; ``full`` is refused)."""
     kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    test_flip_advantage_sign: bool = False
+    """Test only: negates the advantages, so the learning tests can prove they fail on a sign error."""
 
 
 @config_section
@@ -274,7 +276,10 @@ class TrainerLoopConfig:
     test_freq: int = -1
     """Validate every N steps (<= 0: only at the end; ``rollout.test_freq`` takes precedence when set)."""
     val_before_train: bool = True
-    """Validate the starting weights."""
+    """Validate the starting weights (step 0) before training; false skips it."""
+    val_only: bool = False
+    """Validate the starting weights (or the resumed checkpoint's), log them, write the report and exit
+    without training."""
     save_freq: int = 50
     """Checkpoint every N steps and at the end (<= 0: never)."""
     max_actor_ckpt_to_keep: PositiveInt | None = 2
@@ -289,7 +294,8 @@ class TrainerLoopConfig:
     """Write each step's trajectories as ``<step>.jsonl`` here: prompt, response, score, versions, lag
     (and the log IS weight when old log-probs are recomputed)."""
     log_val_generations: NonNegativeInt = 0
-    """Validation samples per evaluation logged to the run dir (not in this build beyond 0)."""
+    """Validation samples logged at each evaluation (the same prompts every time, drawn with ``seed``):
+    prompt, response, score and step in ``<run dir>/val_generations/<step>.jsonl`` and to the loggers."""
     seed: int = 1
     """The run's one seed: data order, sampling, init."""
     cache_dir: str = ".cache/vcpo-rl"
@@ -306,9 +312,6 @@ class TrainerLoopConfig:
         if self.resume_mode == "resume_path" and not self.resume_from_path:
             raise ConfigError(f"{prefix}.resume_from_path", self.resume_from_path,
                               f"must name a checkpoint directory with {prefix}.resume_mode=resume_path")
-        if self.log_val_generations:
-            raise ConfigError(f"{prefix}.log_val_generations", self.log_val_generations,
-                              "logging validation generations is not available in this build yet; set it to 0")
 
 
 @config_section
@@ -404,12 +407,20 @@ class RolloutResourcesConfig:
 
 @config_section
 class CustomRewardFunctionConfig:
-    """``custom_reward_function``: a user's scorer by file path (not in this build beyond null)."""
+    """``custom_reward_function``: a user's scorer by file path, called as
+    ``name(data_source, solution_str, ground_truth, extra_info=None, **reward_kwargs)`` for every
+    sample in place of the rules chosen by ``data_source``. It returns a float, or a dict whose
+    ``score`` is the reward and whose other numeric entries are logged as
+    ``reward/extra/<key>/mean``. It runs in the reward worker under ``reward_model.timeout_s``;
+    one that raises scores 0 (``reward/num_errors``), one that hangs scores 0
+    (``reward/num_timeouts``). A file or name that cannot be loaded fails at start-up."""
 
     path: str | None = None
-    """Python file defining the scorer."""
+    """Python file defining the scorer (null: score by ``data_source``, docs/rewards.md)."""
     name: str = "compute_score"
     """Function name in that file."""
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of every call (needs ``path``)."""
 
 
 @config_section
@@ -550,10 +561,19 @@ class TrainerConfig:
         return PolicyLossSpec(mode=mode, clip_ratio_low=actor.clip_low, clip_ratio_high=actor.clip_high,
                               clip_ratio_c=actor.clip_ratio_c, **correction)
 
+    @property
+    def needs_reference_policy(self) -> bool:
+        """Whether the actor ranks hold the frozen reference policy (a KL term is on)."""
+        return self.actor.use_kl_loss or self.algorithm.use_kl_in_reward
+
     def policy_update_config(self) -> PolicyUpdateConfig:
         """What every actor rank runs ``update_policy`` with (batch sizes in trajectories)."""
-        actor, rollout = self.actor, self.rollout_engine
+        actor, rollout, ref = self.actor, self.rollout_engine, self.actor_rollout_ref.ref
         spec = self.policy_loss_spec()
+        ref_micro = None
+        if self.needs_reference_policy:
+            ref_micro = ref.log_prob_micro_batch_size_per_gpu or actor.ppo_micro_batch_size_per_gpu
+        ref_offload = ref.megatron.param_offload if actor.strategy == "megatron" else ref.fsdp_config.param_offload
         return PolicyUpdateConfig(
             strategy=actor.strategy,
             ppo_mini_batch_size=actor.ppo_mini_batch_size * rollout.n,
@@ -562,6 +582,8 @@ class TrainerConfig:
                                                or actor.ppo_micro_batch_size_per_gpu),
             ppo_epochs=actor.ppo_epochs, shuffle=actor.shuffle, loss_agg_mode=actor.loss_agg_mode,
             grad_clip=actor.optim.clip_grad, entropy_coeff=actor.entropy_coeff,
+            use_kl_loss=actor.use_kl_loss, kl_loss_coef=actor.kl_loss_coef, kl_loss_type=actor.kl_loss_type,
+            ref_log_prob_micro_batch_size_per_gpu=ref_micro, ref_param_offload=ref_offload,
             recompute_old_log_prob=self.recompute_old_log_prob,
             grad_norm_method="per_traj" if actor.update_policy_per_traj else "batched",
             policy_loss=spec, optim=actor.optim, ess_scaling=actor.ess_scaling,
@@ -580,6 +602,8 @@ class TrainerConfig:
         self.trainer.validate("trainer")
         self.async_training.validate("async_training")
         self._check_missing_features()
+        if self.trainer.val_only and not self.data.val_files:
+            raise ConfigError("trainer.val_only", True, "needs held-out prompts: set data.val_files")
         self._check_batches()
         self._check_loss()
         return self
@@ -599,14 +623,22 @@ class TrainerConfig:
             raise ConfigError("actor_rollout_ref.hybrid_engine", True,
                               "must be false: this trainer runs rollout and training as separate workers "
                               "(fully async), never colocated")
-        if self.algorithm.use_kl_in_reward:
-            raise ConfigError("algorithm.use_kl_in_reward", True,
-                              "a KL penalty in the reward (a reference policy) is not available in this build; "
-                              "set it to false")
-        if self.custom_reward_function.path is not None:
-            raise ConfigError("custom_reward_function.path", self.custom_reward_function.path,
-                              "custom reward functions are not available in this build yet; scorers are chosen by "
-                              "data_source (verl/utils/reward_score)")
+        if self.algorithm.use_kl_in_reward and self.algorithm.kl_penalty == "full":
+            raise ConfigError("algorithm.kl_penalty", "full",
+                              "needs the full vocabulary distributions, which this build does not keep; use one of "
+                              "kl/k1, abs, mse/k2, low_var_kl/k3 (optionally with '+')")
+        if self.needs_reference_policy and self.actor_rollout_ref.ref.log_prob_use_dynamic_bsz:
+            raise ConfigError("actor_rollout_ref.ref.log_prob_use_dynamic_bsz", True,
+                              "dynamic batch sizes are not available in this build; set it to false and size "
+                              "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu")
+        custom = self.custom_reward_function
+        if custom.path is not None:
+            from verl.utils.reward_score.custom import CustomRewardFunction
+
+            CustomRewardFunction(custom.path, custom.name, custom.reward_kwargs)  # raises naming the file and name
+        elif custom.reward_kwargs:
+            raise ConfigError("custom_reward_function.reward_kwargs", custom.reward_kwargs,
+                              "are passed to a custom reward function only; set custom_reward_function.path too")
         if self.reward_model.enable:
             raise ConfigError("reward_model.enable", True,
                               "model-based rewards are not available in this build; rewards are rule-based")
@@ -690,8 +722,17 @@ class TrainerConfig:
                          "effect; set compute_prox_log_prob=true to recompute them")
         if self.critic != CriticConfig():
             notes.append(f"critic.*: unused (algorithm.adv_estimator={self.algorithm.adv_estimator} needs no critic)")
-        if self.actor_rollout_ref.ref != RefConfig():
+        if not self.needs_reference_policy and self.actor_rollout_ref.ref != RefConfig():
             notes.append("actor_rollout_ref.ref.*: unused (no KL term, so no reference policy)")
+        if self.needs_reference_policy:
+            ref = self.actor_rollout_ref.ref
+            default_ref = RefConfig()
+            if (dataclasses.replace(ref.megatron, param_offload=False) != default_ref.megatron
+                    or ref.fsdp_config.model_dtype != default_ref.fsdp_config.model_dtype):
+                notes.append("actor_rollout_ref.ref.megatron / ref.fsdp_config.model_dtype: the reference policy "
+                             "shares the actor's layout and dtype; of these only param_offload is read")
+            if self.trainer.device == "cpu" and (ref.megatron.param_offload or ref.fsdp_config.param_offload):
+                notes.append("actor_rollout_ref.ref.*.param_offload: no effect on CPU (the weights are in CPU memory)")
         if not self.actor.use_kl_loss and self.actor.kl_loss_coef != ActorConfig().kl_loss_coef:
             notes.append("actor_rollout_ref.actor.kl_loss_coef: unused (use_kl_loss=false)")
         if not self.algorithm.use_kl_in_reward and self.algorithm.kl_ctrl != AlgorithmConfig().kl_ctrl:

@@ -106,7 +106,8 @@ def run(config: TrainerConfig) -> dict[str, float]:
     check_model_layout(config, model_path)
     trainer = RayPPOTrainer(config, model_path)  # loads and checks the data before Ray starts
     start_ray(config)
-    log(f"training {trainer.total_training_steps} steps; run dir {config.run_dir}")
+    steps = f"training {trainer.total_training_steps} steps"
+    log(f"{'validating only (trainer.val_only)' if config.trainer.val_only else steps}; run dir {config.run_dir}")
     final = trainer.fit()
     report = write_report(config.run_dir)
     log(f"done in {time.perf_counter() - t0:.0f} s; report: {report}")

@@ -6,6 +6,9 @@ statistics feed importance weights, where bf16 rounding would show up as spuriou
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 # Rows of logits processed at once by the log-prob/entropy helpers: bounds the float32
@@ -61,3 +64,19 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     """sum(values * mask) / sum(mask); 0 where the mask is empty."""
     total = mask.sum() if dim is None else mask.sum(dim)
     return masked_sum(values, mask, dim) / total.clamp(min=1e-8)
+
+
+@contextlib.contextmanager
+def onloaded(module: torch.nn.Module, device: str, offload: bool) -> Iterator[None]:
+    """With ``offload``, move a CPU-offloaded ``module`` to ``device`` for the block and back to CPU
+    after (freeing the accelerator's cache); without it, do nothing."""
+    if not offload:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -120,6 +120,26 @@ class Tracking:
             else:
                 self._bar.refresh()
 
+    def log_generations(self, samples: list[dict[str, Any]], step: int) -> None:
+        """Validation samples (``input``, ``output``, ``score``): the first on the console, all as
+        a table in wandb and as text in TensorBoard (the run dir keeps them as JSONL)."""
+        if not samples:
+            return
+        if self._bar is not None:
+            first = samples[0]
+            self.message(f"val generation @ step {step} (1 of {len(samples)}): {first['input']!r} -> "
+                         f"{first['output']!r}, score {first['score']:g}")
+        if self._tb is not None:
+            rows = [f"| {s['input']} | {s['output']} | {s['score']:g} |" for s in samples]
+            self._tb.add_text("val/generations", "\n".join(["| input | output | score |", "|---|---|---|", *rows]),
+                              step)
+        if self._wandb is not None:
+            import wandb
+
+            rows = [[step, s["input"], s["output"], s["score"]] for s in samples]
+            self._wandb.log({"val/generations": wandb.Table(columns=["step", "input", "output", "score"], data=rows)},
+                            step=step)
+
     def message(self, text: str) -> None:
         """A line of progress text that does not break the progress bar."""
         if self._bar is not None:

@@ -51,7 +51,7 @@ def test_defaults_are_valid_and_build_from_plain_data():
         ("optim.betas=[0.9]", f"{A}.optim.betas"),
         ("optim.betas=[0.9,1.0]", f"{A}.optim.betas"),
         ("use_dynamic_bsz=true", f"{A}.use_dynamic_bsz"),
-        ("use_kl_loss=true", f"{A}.use_kl_loss"),
+        ("fsdp_config.param_offload=true", f"{A}.fsdp_config.param_offload"),
         ("use_rollout_log_probs=false", f"{A}.use_rollout_log_probs"),
         ("megatron.param_offload=true", f"{A}.megatron.param_offload"),
     ],

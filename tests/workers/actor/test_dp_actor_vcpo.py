@@ -199,6 +199,25 @@ def test_lr_scale_applies_to_one_step_and_scheduler_lr_is_restored():
     assert 0 < metrics["actor/lr"] < LR and metrics["actor/lr"] == pytest.approx(LR * metrics["actor/lr_scale"])
 
 
+def test_ess_counts_only_trajectories_with_response_tokens():
+    """Issue 15, edge case 6: a row without response tokens (log w = 0 by the empty sum) is not a
+    trajectory the loss trains on, so it must not enter the ESS as w = 1."""
+    data = make_batch()
+    data.batch["response_mask"][5] = 0.0
+    data.batch["advantages"][5] = 0.0
+    model = make_model()
+    metrics = vcpo_actor(model, True, None, grad_clip=1e9).update_policy(data)
+    b = data.batch
+    logp = torch.stack([brute_force(make_model(), b["prompts"], b["responses"], b["response_mask"], i)[0]
+                        if i != 5 else torch.zeros(R, dtype=torch.float64) for i in range(N)])
+    mask = b["response_mask"].double()
+    w = ((logp - b["rollout_log_probs"].double()) * mask).sum(-1).exp()[mask.sum(-1) > 0]
+    expected = float(w.sum() ** 2 / (w ** 2).sum()) / (N - 1)
+    assert metrics["actor/ess_ratio"] == pytest.approx(expected, rel=1e-5)
+    with_empty_row = float((torch.cat([w, w.new_ones(1)]).sum() ** 2 / (torch.cat([w, w.new_ones(1)]) ** 2).sum()) / N)
+    assert abs(with_empty_row - expected) > 1e-3  # what counting it as w = 1 gave
+
+
 def test_nan_behaviour_log_prob_skips_the_step_and_is_counted():
     data = make_batch()
     data.batch["rollout_log_probs"][2, 0] = float("nan")

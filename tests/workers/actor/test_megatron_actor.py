@@ -1,6 +1,7 @@
 """MegatronPPOActor equals the torch actor: under TP=2 x SP x DP=2, CP=2 x DP=2 and PP=2 x DP=2
 (gloo, 4 ranks) its log-probs, entropies, one VCPO update (bypass + sequence TIS + ESS-scaled lr +
-group-scope OPOB with batched or per-trajectory gradient norms, SGD, stale behaviour log-probs)
+group-scope OPOB with batched or per-trajectory gradient norms, SGD, stale behaviour log-probs;
+under TP=2 also with the KL-to-reference loss added)
 and the step's metrics match DataParallelPPOActor run in one process on the whole batch; a NaN
 behaviour log-prob skips the step on every rank; the MegatronActorWorker's checkpoint round trip
 (distributed Adam) reproduces the next update exactly.
@@ -73,12 +74,14 @@ def make_batch(model_dir: str, seed: int = 3) -> DataProto:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     true_logp = torch.log_softmax(logits[:, P - 1:-1].float() / TEMPERATURE, -1).gather(-1, responses[..., None])[..., 0]
     rollout = (true_logp + 0.5 * torch.randn(N, R, generator=g)) * response_mask
+    ref = (true_logp + 0.3 * torch.randn(N, R, generator=g)) * response_mask
     rewards = torch.zeros(N, R)
     rewards[torch.arange(N), response_mask.sum(-1).long() - 1] = torch.tensor(REWARDS)
     tensors = {
         "prompts": prompts, "responses": responses, "input_ids": input_ids, "attention_mask": attention_mask,
         "position_ids": position_ids, "response_mask": response_mask, "rollout_log_probs": rollout,
         "token_level_rewards": rewards, "advantages": torch.randn(N, 1, generator=g) * response_mask,
+        "ref_log_prob": ref,
     }
     return DataProto.from_dict(tensors=tensors, non_tensors={"uid": UIDS.copy()},
                                meta_info={"temperature": TEMPERATURE})
@@ -137,12 +140,14 @@ LAYOUTS = {
     "tp2_sp_dp2": ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, "batched", 3),
     "cp2_dp2": ({"context_parallel_size": 2}, "batched", 4),
     "pp2_dp2": ({"pipeline_model_parallel_size": 2}, "per_traj", 4),
+    "tp2_kl_dp2": ({"tensor_model_parallel_size": 2}, "batched", 5),  # OPOB + the KL-to-reference loss
 }
+KL = {"use_kl_loss": True, "kl_loss_coef": 0.5, "kl_loss_type": "low_var_kl+"}
 
 
 def layout_config(name: str) -> PolicyUpdateConfig:
     parallel, method, _ = LAYOUTS[name]
-    config = vcpo_config(grad_norm_method=method)
+    config = vcpo_config(grad_norm_method=method, **(KL if "kl" in name else {}))
     for key, value in parallel.items():
         setattr(config.megatron, key, value)
     return config
@@ -156,6 +161,7 @@ def worker_config() -> PolicyUpdateConfig:
         policy_loss=PolicyLossSpec(mode="bypass", tis_level="sequence", tis_cap=CAP),
         optim=OptimConfig(lr=1e-3, weight_decay=0.1, lr_decay_style="cosine", lr_warmup_steps=1, min_lr_ratio=0.1),
         ess_scaling=ESSScalingConfig(enable=True),
+        use_kl_loss=True, kl_loss_coef=0.1, ref_log_prob_micro_batch_size_per_gpu=3,
     )
     config.megatron.tensor_model_parallel_size = 2
     config.megatron.use_distributed_optimizer = True
@@ -221,7 +227,10 @@ def test_vcpo_metrics_equal_torch_actor(runs, layout):
         assert got.keys() == expected.keys()
         for key in ("actor/ess_ratio", "actor/ess", "actor/lr_scale", "actor/is_weight_mean", "actor/is_weight_max",
                     "actor/grad_norm", "actor/traj_grad_norm_mean", "actor/opob_baseline_mean", "actor/pg_loss",
-                    "actor/loss", "actor/rollout_kl_k3", "actor/lr"):
+                    "actor/loss", "actor/rollout_kl_k3", "actor/lr", "actor/kl_loss"):
+            if key == "actor/kl_loss" and "kl" not in layout:
+                assert key not in got
+                continue
             assert math.isclose(got[key], expected[key], rel_tol=1e-5, abs_tol=1e-7), (key, got[key], expected[key])
 
 
@@ -245,10 +254,13 @@ def _worker_round_trip(rank: int, world_size: int, model_dir: str, checkpoint_di
 
     worker = new_worker()
     local = [shard(b, worker.data_parallel_rank(), worker.data_parallel_size()) for b in batches]
+    start_log_prob = worker.compute_log_prob(local[0]).batch["old_log_probs"]
+    ref_before = worker.compute_ref_log_prob(local[0]).batch["ref_log_prob"]
     worker.update_policy(local[0])
     worker.save_checkpoint(checkpoint_dir)
     continued = worker.update_policy(local[1])
     continued_weights = worker.get_weights()
+    ref_after = worker.compute_ref_log_prob(local[0]).batch["ref_log_prob"]
     destroy_megatron()
     restored = new_worker()
     restored.load_checkpoint(checkpoint_dir)
@@ -256,19 +268,27 @@ def _worker_round_trip(rank: int, world_size: int, model_dir: str, checkpoint_di
     resumed_weights = restored.get_weights()
     restored.export_hf(export_dir)
     destroy_megatron()
-    return {"dp": (worker.data_parallel_rank(), worker.data_parallel_size()), "continued": continued,
+    return {"start_log_prob": start_log_prob, "ref_before": ref_before, "ref_after": ref_after,
+            "dp": (worker.data_parallel_rank(), worker.data_parallel_size()), "continued": continued,
             "resumed": resumed, "continued_weights": continued_weights, "resumed_weights": resumed_weights}
 
 
 def test_worker_checkpoint_round_trip_gives_the_same_next_update(runs):
     """The update after load_checkpoint equals the update of the run that never stopped (weights,
-    Adam moments, lr schedule position), and export_hf writes exactly the actor's weights."""
+    Adam moments, lr schedule position), export_hf writes exactly the actor's weights, and the
+    worker's reference policy gives the starting weights' log-probs before and after training."""
     ranks, _, _, export_dir = runs
     assert [r["worker"]["dp"] for r in ranks] == [(0, 2), (0, 2), (1, 2), (1, 2)]
     first = ranks[0]["worker"]
     assert first["resumed"]["actor/lr"] == first["continued"]["actor/lr"] < 1e-3  # the schedule resumed mid-way
-    for key in ("actor/loss", "actor/grad_norm", "actor/ess_ratio"):
+    for key in ("actor/loss", "actor/grad_norm", "actor/ess_ratio", "actor/kl_loss"):
         assert first["resumed"][key] == first["continued"][key], key
+    # The reference policy: the starting weights in the actor's layout (micro-batches of 3, not 2),
+    # untouched by the updates.
+    for r in ranks:
+        worker = r["worker"]
+        torch.testing.assert_close(worker["ref_before"], worker["start_log_prob"], rtol=0, atol=1e-6)
+        assert torch.equal(worker["ref_after"], worker["ref_before"])
     for name, value in first["continued_weights"].items():
         assert torch.equal(first["resumed_weights"][name], value), name
     assert all(r["worker"]["resumed_weights"] is None for r in ranks[1:])

@@ -166,7 +166,9 @@ def test_opob_log_weights_implement_the_three_weightings():
     w_trunc = w.clamp(max=8.0)
     lengths = torch.tensor([4.0, 2.0, 8.0])
     log_w = torch.log(w)
+    sq, w, w_trunc, lengths = (t.double() for t in (sq, w, w_trunc, lengths))
     paper = opob_log_weights(sq, log_w, w_trunc, lengths, GradBaseliningConfig())
+    assert paper.dtype == torch.float64
     torch.testing.assert_close(paper.exp(), w ** 2 * sq)
     reference = opob_log_weights(sq, log_w, w_trunc, lengths, GradBaseliningConfig(weighting="reference"))
     torch.testing.assert_close(reference.exp(), w_trunc ** 2 * w ** 2 * sq)
@@ -175,9 +177,10 @@ def test_opob_log_weights_implement_the_three_weightings():
     torch.testing.assert_close(exact.exp(), (w_trunc / lengths) ** 2 * sq)
     unweighted = opob_log_weights(sq, log_w, w_trunc, lengths, GradBaseliningConfig(use_is_weights=False))
     torch.testing.assert_close(unweighted.exp(), sq)
-    # w = e^5000 is no problem in log space.
-    huge = opob_log_weights(sq, log_w + 5000.0, w_trunc, lengths, GradBaseliningConfig())
-    torch.testing.assert_close(huge.double(), paper.double() + 10000.0, rtol=1e-6, atol=0.0)
+    # w = e^5000 is no problem in log space, and log W keeps float64 precision there (issue 15,
+    # edge case 2: float32 would be off by ~|log W| * 6e-8 = 6e-4).
+    huge = opob_log_weights(sq, log_w.double() + 5000.0, w_trunc, lengths, GradBaseliningConfig())
+    torch.testing.assert_close(huge, paper + 10000.0, rtol=0.0, atol=1e-9)
 
 
 def test_weighted_quantile_is_the_inverse_weighted_cdf():
@@ -196,13 +199,14 @@ def test_opob_baselines_match_hand_computed_aggregates():
     b = opob_baselines(values, torch.log(weights), gids, "mean")
     g1 = (1 * 1 + 4 * 1) / 10.0
     g2 = (0 * 1 + 2 * 1 + 5 * 2) / 4.0
-    torch.testing.assert_close(b, torch.tensor([g1] * 4 + [g2] * 3))
+    torch.testing.assert_close(b, torch.tensor([g1] * 4 + [g2] * 3, dtype=torch.float64))
     # median: group 7 sorted (0:w3, 0:w2, 1:w1, 1:w4), S=10, C=[3,5,6,10] >= 5 at k=2 -> 0;
     # group 9 sorted (0:1, 2:1, 5:2), S=4, C=[1,2,4] >= 2 at k=2 -> 2.
     b = opob_baselines(values, torch.log(weights), gids, "median")
-    torch.testing.assert_close(b, torch.tensor([0.0] * 4 + [2.0] * 3))
+    torch.testing.assert_close(b, torch.tensor([0.0] * 4 + [2.0] * 3, dtype=torch.float64))
     b = opob_baselines(values, torch.log(weights), None, "mean")
-    torch.testing.assert_close(b, torch.full((7,), float((values * weights).sum() / weights.sum())))
+    expected = float((values.double() * weights).sum() / weights.sum())
+    torch.testing.assert_close(b, torch.full((7,), expected, dtype=torch.float64))
 
 
 def test_winsorized_mean_clips_to_weighted_quantiles():
@@ -224,11 +228,11 @@ def test_baseline_weights_are_scale_invariant_and_follow_the_nonfinite_rule():
     torch.testing.assert_close(opob_baselines(values, log_weights + 1e4, None, "mean"), base)
     torch.testing.assert_close(opob_baselines(values, log_weights - 1e4, None, "mean"), base)
     nan = opob_baselines(values, torch.tensor([0.0, float("nan"), 1.0, 0.0]), None, "mean")
-    torch.testing.assert_close(nan, torch.full((4,), 1.5))  # undefined -> plain mean
+    torch.testing.assert_close(nan, torch.full((4,), 1.5, dtype=torch.float64))  # undefined -> plain mean
     zero = opob_baselines(values, torch.full((4,), -float("inf")), None, "median")
-    torch.testing.assert_close(zero, torch.full((4,), 1.0))  # plain lower median of 0,1,2,3
+    torch.testing.assert_close(zero, torch.full((4,), 1.0, dtype=torch.float64))  # plain lower median of 0,1,2,3
     inf = opob_baselines(values, torch.tensor([float("inf"), 0.0, float("inf"), 5.0]), None, "mean")
-    torch.testing.assert_close(inf, torch.full((4,), 2.0))  # mean of the dominating ones
+    torch.testing.assert_close(inf, torch.full((4,), 2.0, dtype=torch.float64))  # mean of the dominating ones
     torch.testing.assert_close(scope_normalized_weights(torch.tensor([0.0, math.log(0.5), 1e4])),
                                torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
 
@@ -243,11 +247,11 @@ def test_coefficients_for_group_and_minibatch_scope_match_hand_computation():
     b3, s3 = 6.0 / 4.0, 1.0  # group 3: (0 + 6) / 4, std of {0, 2} is 1
     expected = [(1 - b1) / s1, (0 - b1) / s1, (0 - b1) / s1, (1 - b1) / s1, 0.0, 0.0,
                 (0 - b3) / s3, (2 - b3) / s3]  # group 2 has std 0 -> divided by 1
-    torch.testing.assert_close(c, torch.tensor(expected))
+    torch.testing.assert_close(c, torch.tensor(expected, dtype=torch.float64))
     advantages = torch.tensor([0.5, -1.0, 2.0, 0.0])
     b = opob_baselines(advantages, torch.log(torch.tensor([1.0, 1.0, 2.0, 4.0])), None, "mean")
     c = opob_coefficients(advantages, b)
-    torch.testing.assert_close(c, advantages - (0.5 - 1.0 + 4.0) / 8.0)
+    torch.testing.assert_close(c, advantages.double() - (0.5 - 1.0 + 4.0) / 8.0)
     with pytest.raises(ValueError, match="group_ids"):
         opob_coefficients(advantages, b, None, norm_by_std=True)
 
@@ -260,14 +264,34 @@ def test_compute_opob_chains_weights_baselines_and_coefficients():
     lengths = torch.tensor([3.0, 5.0, 2.0, 1.0])
     gids = torch.tensor([0, 0, 1, 1])
     out = compute_opob(GradBaseliningConfig(), rewards, sq, log_w, w_trunc, lengths, gids)
-    W = log_w.exp() ** 2 * sq  # [1, 1, 2e^2, 1]
-    b0 = (1 * W[0]) / (W[0] + W[1])
-    b1 = (1 * W[2]) / (W[2] + W[3])
-    torch.testing.assert_close(out.baselines, torch.tensor([b0, b0, b1, b1]))
-    torch.testing.assert_close(out.coefficients, torch.tensor([(1 - b0) / 0.5, -b0 / 0.5, (1 - b1) / 0.5, -b1 / 0.5]))
+    W = log_w.double().exp() ** 2 * sq  # [1, 1, 2e^2, 1]
+    b0 = float((1 * W[0]) / (W[0] + W[1]))
+    b1 = float((1 * W[2]) / (W[2] + W[3]))
+    f64 = {"dtype": torch.float64}
+    torch.testing.assert_close(out.baselines, torch.tensor([b0, b0, b1, b1], **f64))
+    torch.testing.assert_close(out.coefficients,
+                               torch.tensor([(1 - b0) / 0.5, -b0 / 0.5, (1 - b1) / 0.5, -b1 / 0.5], **f64))
     mini = compute_opob(GradBaseliningConfig(scope="minibatch"), rewards, sq, log_w, w_trunc, lengths, None)
     bm = float((W * rewards).sum() / W.sum())
-    torch.testing.assert_close(mini.coefficients, rewards - bm)
+    torch.testing.assert_close(mini.coefficients, rewards.double() - bm)
+
+
+def test_group_coefficients_keep_float64_when_rewards_differ_by_one_float32_step():
+    """Issue 15, edge case 1: rewards [0.5]*7 + [nextafter(0.5)] with one heavier trajectory. A
+    baseline rounded to float32 lands on one of the two rewards, and c is finite and wrong."""
+    rewards = torch.tensor([0.5] * 7 + [float(np.nextafter(np.float32(0.5), np.float32(1.0)))], dtype=torch.float32)
+    log_weights = torch.tensor([0.0] * 7 + [math.log(1.2)], dtype=torch.float64)
+    gids = torch.zeros(8, dtype=torch.long)
+    b = opob_baselines(rewards, log_weights, gids, "mean")
+    c = opob_coefficients(rewards, b, gids, norm_by_std=True, std_eps=0.0)
+    v, w = rewards.double(), log_weights.exp()
+    expected_b = float((w * v).sum() / w.sum())
+    expected = (v - expected_b) / v.std(unbiased=False)
+    torch.testing.assert_close(b, torch.full((8,), expected_b, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(c, expected, rtol=1e-6, atol=1e-6)
+    # What the float32 baseline gave (the test fails on that code): far from the float64 answer.
+    rounded = (v - float(np.float32(expected_b))) / v.std(unbiased=False)
+    assert (rounded - expected).abs().max() > 0.1
 
 
 def test_group_ids_from_uids_are_stable_and_split_groups_are_detected():

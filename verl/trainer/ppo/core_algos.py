@@ -29,12 +29,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADV_ESTIMATORS",
+    "KL_ESTIMATORS",
+    "AdaptiveKLController",
+    "FixedKLController",
     "LOSS_AGG_MODES",
     "POLICY_LOSS_MODES",
     "REJECTION_LEVELS",
     "TIS_LEVELS",
     "OutcomeAdvantage",
     "agg_loss",
+    "apply_kl_penalty",
+    "build_kl_controller",
     "compute_advantage",
     "compute_drgrpo_outcome_advantage",
     "compute_grpo_outcome_advantage",
@@ -46,6 +51,7 @@ __all__ = [
     "gspo_token_loss",
     "group_ids_from_index",
     "group_ids_from_uids",
+    "kl_penalty",
     "logprobs_from_logits",
     "loss_normalizer_counts",
     "m2po_keep_mask",
@@ -364,6 +370,119 @@ def rollout_kl_k3(
 ) -> torch.Tensor:
     """KL(mu || pi) per token by the k3 estimator (``rollout_kl_k3_per_token``), averaged over response tokens."""
     return masked_mean(rollout_kl_k3_per_token(log_prob, rollout_log_prob, response_mask), response_mask)
+
+
+# --------------------------------------------------------------------------- KL to the reference policy
+
+KLEstimator = Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3",
+                      "kl+", "k1+", "abs+", "mse+", "k2+", "low_var_kl+", "k3+"]
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+# veRL's clamps for k3: the log-ratio to [-20, 20] so exp stays finite, the estimate to [-10, 10].
+_K3_LOG_RATIO_BOUND = 20.0
+_K3_VALUE_BOUND = 10.0
+
+
+def _kl_estimate(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, estimator: str) -> torch.Tensor:
+    """The per-token value of one estimator; d = log pi - log pi_ref:
+
+        kl / k1:          d
+        abs:              |d|
+        mse / k2:         d^2 / 2
+        low_var_kl / k3:  clamp(e^-d' + d' - 1, -10, 10) with d' = clamp(d, -20, 20)
+
+    On samples from pi, k1 and k3 are unbiased for KL(pi || pi_ref) (k3 >= 0 with lower variance).
+    """
+    d = log_prob - ref_log_prob
+    if estimator in ("kl", "k1"):
+        return d
+    if estimator == "abs":
+        return d.abs()
+    if estimator in ("mse", "k2"):
+        return 0.5 * d.square()
+    if estimator in ("low_var_kl", "k3"):
+        neg_d = torch.clamp(-d, min=-_K3_LOG_RATIO_BOUND, max=_K3_LOG_RATIO_BOUND)
+        return torch.clamp(torch.exp(neg_d) - neg_d - 1.0, min=-_K3_VALUE_BOUND, max=_K3_VALUE_BOUND)
+    raise ValueError(f"unknown KL estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
+
+
+def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate [B, R] between the policy and the reference (``_kl_estimate``).
+
+    A ``+`` suffix (``k3+``, ``low_var_kl+``, ...) is straight-through: the VALUE is the named
+    estimator's, the GRADIENT is k2's, d (grad d). k2's gradient is the one whose expectation on
+    samples from pi is the gradient of KL(pi || pi_ref); k1's and k3's are not. ``k2+`` is k2.
+    """
+    if not estimator.endswith("+"):
+        return _kl_estimate(log_prob, ref_log_prob, estimator)
+    value = _kl_estimate(log_prob, ref_log_prob, estimator[:-1])
+    gradient_carrier = _kl_estimate(log_prob, ref_log_prob, "k2")
+    return gradient_carrier - gradient_carrier.detach() + value.detach()
+
+
+class FixedKLController:
+    """A constant KL-in-reward coefficient beta."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Nothing changes."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. (2019)'s proportional controller of beta towards a target KL:
+
+        e = clip(KL / target - 1, -0.2, 0.2);   beta <- beta * (1 + e * n_steps / horizon)
+
+    ``n_steps`` is the number of trajectories the KL was measured on.
+    """
+
+    def __init__(self, kl_coef: float, target_kl: float, horizon: int):
+        super().__init__(kl_coef)
+        self.target_kl, self.horizon = float(target_kl), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target_kl - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def build_kl_controller(kind: str, kl_coef: float, target_kl: float = 0.1,
+                        horizon: int = 10000) -> FixedKLController:
+    """``algorithm.kl_ctrl``: ``fixed`` or ``adaptive``."""
+    if kind == "fixed":
+        return FixedKLController(kl_coef)
+    if kind == "adaptive":
+        return AdaptiveKLController(kl_coef, target_kl, horizon)
+    raise ValueError(f"unknown KL controller {kind!r}: expected 'fixed' or 'adaptive'")
+
+
+def apply_kl_penalty(data: "DataProto", controller: FixedKLController, estimator: str,
+                     behaviour_key: str = "rollout_log_probs") -> tuple["DataProto", dict[str, float]]:
+    """KL in the reward: ``token_level_rewards`` = ``token_level_scores`` - beta * kl_t, kl_t =
+    ``kl_penalty(log mu, log pi_ref)`` on response tokens, with beta the controller's value BEFORE
+    this batch updates it (by the mean, over trajectories with response tokens, of the per-token
+    mean KL).
+
+    The log-probs are those of the policy that SAMPLED each token (``behaviour_key``, the rollout's
+    by default): a trajectory is penalised for what its own policy did, and on its own samples k1
+    and k3 are unbiased for KL(mu || pi_ref). Returns (data, ``actor/reward_kl_penalty[_coeff]``).
+    """
+    b = data.batch
+    mask = b["response_mask"]
+    kl = kl_penalty(b[behaviour_key].float(), b["ref_log_prob"].float(), estimator)
+    kl = torch.where(mask > 0, kl, torch.zeros_like(kl))
+    beta = controller.value
+    b["token_level_rewards"] = b["token_level_scores"] - beta * kl
+    has_tokens = mask.sum(-1) > 0
+    current_kl = float(masked_mean(kl, mask, dim=-1)[has_tokens].mean()) if bool(has_tokens.any()) else 0.0
+    controller.update(current_kl, n_steps=len(mask))
+    return data, {"actor/reward_kl_penalty": current_kl, "actor/reward_kl_penalty_coeff": beta}
 
 
 # --------------------------------------------------------------------------- policy loss

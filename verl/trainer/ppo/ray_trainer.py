@@ -24,7 +24,8 @@ from verl.protocol import DataProto
 from verl.trainer.config import TrainerConfig, to_yaml
 from verl.trainer.fully_async.pipeline import AsyncRolloutPipeline
 from verl.trainer.fully_async.staleness import trajectory_lags
-from verl.trainer.ppo.core_algos import compute_advantage
+from verl.trainer.ppo.core_algos import apply_kl_penalty, build_kl_controller, compute_advantage
+from verl.utils.checkpoint import COMPLETE_MARKER
 from verl.utils.dataset.rl_dataset import PromptSampler, RLDataset, collate_prompts
 from verl.utils.distributed import find_free_port
 from verl.utils.reward_score import check_data_sources
@@ -32,7 +33,6 @@ from verl.utils.tracking import Tracking
 from verl.workers.actor_worker import ActorWorker
 
 CHECKPOINT_PREFIX = "global_step_"
-COMPLETE_MARKER = "COMPLETE"
 TRAJECTORY_LOG = "trajectories.jsonl"
 
 
@@ -60,13 +60,19 @@ class RayPPOTrainer:
         self.val_dataset = (
             RLDataset(dc.val_files, self.tokenizer, dc.max_prompt_length, **dataset_kwargs) if dc.val_files else None
         )
-        check_data_sources(self.train_dataset.data_sources())
-        if self.val_dataset is not None:
-            check_data_sources(self.val_dataset.data_sources())
+        if config.custom_reward_function.path is None:  # a custom function decides every data source itself
+            check_data_sources(self.train_dataset.data_sources())
+            if self.val_dataset is not None:
+                check_data_sources(self.val_dataset.data_sources())
         self.sampler = PromptSampler(
             len(self.train_dataset), config.prompts_per_step, seed=config.trainer.seed, shuffle=dc.shuffle
         )
         self.total_training_steps = config.total_training_steps(len(self.train_dataset))
+        algorithm = config.algorithm
+        self.kl_ctrl = None
+        if algorithm.use_kl_in_reward:
+            kc = algorithm.kl_ctrl
+            self.kl_ctrl = build_kl_controller(kc.type, kc.kl_coef, kc.target_kl, kc.horizon)
 
     # ------------------------------------------------------------------ workers
     def init_workers(self) -> None:
@@ -100,9 +106,11 @@ class RayPPOTrainer:
         results = ray.get([a.update_policy.remote(shards[d]) for a, d in zip(self.actors, self.actor_dp_ranks)])
         return results[0]
 
-    def _recompute_old_log_probs(self, batch: DataProto) -> DataProto:
+    def _log_probs_on_actors(self, batch: DataProto, method: str) -> DataProto:
+        """``batch`` joined with what actor method ``method`` (``compute_log_prob`` or
+        ``compute_ref_log_prob``) returns, each data-parallel rank computing its shard."""
         shards = batch.chunk(self.dp_size) if self.dp_size > 1 else [batch]
-        outs = ray.get([a.compute_log_prob.remote(shards[d]) for a, d in zip(self.actors, self.actor_dp_ranks)])
+        outs = ray.get([getattr(a, method).remote(shards[d]) for a, d in zip(self.actors, self.actor_dp_ranks)])
         # Every model-parallel rank of a data-parallel rank returns the same log-probs: keep one each.
         first_of_dp = {d: i for i, d in reversed(list(enumerate(self.actor_dp_ranks)))}
         return batch.union(DataProto.concat([outs[first_of_dp[d]] for d in range(self.dp_size)]))
@@ -112,9 +120,18 @@ class RayPPOTrainer:
         at = self.config.async_training
         batch, metrics = self.pipeline.next_batch(step)
         batch.meta_info["global_steps"] = step
+        if self.config.needs_reference_policy:
+            t_ref = time.perf_counter()
+            batch = self._log_probs_on_actors(batch, "compute_ref_log_prob")
+            metrics["timing/ref_s"] = time.perf_counter() - t_ref
+        if self.kl_ctrl is not None:
+            batch, kl_metrics = apply_kl_penalty(batch, self.kl_ctrl, self.config.algorithm.kl_penalty)
+            metrics.update(kl_metrics)
         batch = compute_advantage(batch, self.config.algorithm)
+        if self.config.algorithm.test_flip_advantage_sign:
+            batch.batch["advantages"] = -batch.batch["advantages"]
         if self.update_config.recompute_old_log_prob:
-            batch = self._recompute_old_log_probs(batch)
+            batch = self._log_probs_on_actors(batch, "compute_log_prob")
         if at.test_train_delay_max_s:
             time.sleep(self._delay_rng.uniform(0.0, at.test_train_delay_max_s))
         t_update = time.perf_counter()
@@ -174,7 +191,10 @@ class RayPPOTrainer:
                                     "lag": int(lags[i])}) + "\n")
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> dict[str, float]:
+    def validate(self, step: int = 0, tracker: Tracking | None = None) -> dict[str, float]:
+        """Score the held-out prompts with the engines' current weights (greedy and/or mean@n), and
+        with ``trainer.log_val_generations`` write the chosen samples of the first mode to
+        ``<run dir>/val_generations/<step>.jsonl`` and to ``tracker``'s loggers."""
         if self.val_dataset is None:
             return {}
         t0 = time.perf_counter()
@@ -190,10 +210,13 @@ class RayPPOTrainer:
             modes["greedy_acc"] = "greedy"
         if val.do_sample:
             modes[f"mean_at_{val.n}_acc"] = "mean_at_n"
+        logged_mode = next(iter(modes.values()))  # greedy when it runs
         metrics: dict[str, float] = {}
         for label, mode in modes.items():
             out = self.pipeline.validate(prompts, mode, seed)
             scores = out.batch["token_level_scores"].sum(dim=1).numpy()
+            if self.config.trainer.log_val_generations and mode == logged_mode:
+                self._log_val_generations(step, mode, prompts, out, scores, tracker)
             metrics[f"val/{label}"] = float(scores.mean())
             by_source: dict[str, list[float]] = defaultdict(list)
             for src, s in zip(out.non_tensor_batch["data_source"], scores):
@@ -203,6 +226,35 @@ class RayPPOTrainer:
                     metrics[f"val/{src}/{label}"] = float(np.mean(vals))
         metrics["timing/val_s"] = time.perf_counter() - t0
         return metrics
+
+    def val_generation_indices(self, count: int) -> list[int]:
+        """The held-out rows whose generations are logged: ``trainer.log_val_generations`` of the
+        first ``count``, drawn once from ``trainer.seed``, so every evaluation shows the same prompts."""
+        n = min(self.config.trainer.log_val_generations, count)
+        return sorted(random.Random(self.config.trainer.seed).sample(range(count), n))
+
+    def _log_val_generations(self, step: int, mode: str, prompts: DataProto, out: DataProto, scores: np.ndarray,
+                             tracker: Tracking | None) -> None:
+        # The first response of each chosen prompt (mean@n validation returns n per prompt).
+        first_row: dict[str, int] = {}
+        for row, uid in enumerate(out.non_tensor_batch["uid"]):
+            first_row.setdefault(str(uid), row)
+        nt = prompts.non_tensor_batch
+        records = []
+        for i in self.val_generation_indices(len(prompts)):
+            row = first_row[f"val-{i}"]
+            records.append({
+                "step": step, "index": i, "mode": mode,
+                "input": self.tokenizer.decode(list(nt["raw_prompt_ids"][i]), skip_special_tokens=False),
+                "output": str(out.non_tensor_batch["response_text"][row]), "score": float(scores[row]),
+                "data_source": str(out.non_tensor_batch["data_source"][row]),
+            })
+        out_dir = self.run_dir / "val_generations"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / f"{step}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        if tracker is not None:
+            tracker.log_generations(records, step)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_dirs(self) -> list[Path]:
@@ -220,8 +272,11 @@ class RayPPOTrainer:
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
-        ray.get([a.save_checkpoint.remote(str(directory)) for a in self.actors])
+        save_contents = self.config.actor.checkpoint.save_contents
+        ray.get([a.save_checkpoint.remote(str(directory), save_contents) for a in self.actors])
         state = {"global_step": step, "sampler": self.pipeline.data_state(step)}
+        if self.kl_ctrl is not None:
+            state["kl_ctrl"] = self.kl_ctrl.state_dict()
         (directory / "trainer_state.json").write_text(json.dumps(state))
         (directory / COMPLETE_MARKER).write_text("")  # written last: a half-written checkpoint is ignored
         for old in self._checkpoints_to_delete():
@@ -241,9 +296,12 @@ class RayPPOTrainer:
             directory = Path(tc.resume_from_path)
             if not (directory / COMPLETE_MARKER).exists():
                 raise FileNotFoundError(f"trainer.resume_from_path={tc.resume_from_path!r}: no complete checkpoint there")
-        ray.get([a.load_checkpoint.remote(str(directory)) for a in self.actors])
+        load_contents = self.config.actor.checkpoint.load_contents
+        ray.get([a.load_checkpoint.remote(str(directory), load_contents) for a in self.actors])
         state = json.loads((directory / "trainer_state.json").read_text())
         self.sampler.load_state_dict(state["sampler"])
+        if self.kl_ctrl is not None and "kl_ctrl" in state:
+            self.kl_ctrl.load_state_dict(state["kl_ctrl"])
         step = int(state["global_step"])
         _truncate_trajectory_log(self.run_dir / TRAJECTORY_LOG, step)
         return step
@@ -269,15 +327,18 @@ class RayPPOTrainer:
         last_val: dict[str, float] = {}
         wall0 = time.perf_counter()
         try:
-            if start == 0 and tc.val_before_train and self.val_dataset is not None:
-                last_val = self.validate()
-                tracker.log({**last_val, "time/wall_s": 0.0}, step=0)
+            if tc.val_only or (start == 0 and tc.val_before_train and self.val_dataset is not None):
+                last_val = self.validate(start, tracker)
+                # A resumed step's record keeps its wall time.
+                tracker.log({**last_val, "time/wall_s": 0.0} if start == 0 else last_val, step=start)
+            if tc.val_only:
+                return last_val
             val_freq = self.config.val_freq
             for step in range(start + 1, self.total_training_steps + 1):
                 metrics = self.train_step(step)
                 is_last = step == self.total_training_steps
                 if self.val_dataset is not None and ((val_freq and step % val_freq == 0) or is_last):
-                    last_val = self.validate()
+                    last_val = self.validate(step, tracker)
                     metrics.update(last_val)
                 metrics["time/wall_s"] = time.perf_counter() - wall0
                 tracker.log(metrics, step=step)

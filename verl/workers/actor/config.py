@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
-from verl.trainer.ppo.core_algos import LossAggMode
+from verl.trainer.ppo.core_algos import KLEstimator, LossAggMode
 from verl.utils.config import ConfigError, config_section
 from verl.utils.megatron.parallel import MegatronParallelConfig
 from verl.workers.utils.vcpo import ESSScalingConfig, GradBaseliningConfig
@@ -74,6 +74,23 @@ class FsdpConfig:
 
     model_dtype: Dtype = "float32"
     """Parameter dtype of the torch actor."""
+    param_offload: bool = False
+    """Keep the parameters in CPU memory between uses (GPU only): the reference policy honours it;
+    for the actor it is refused (FSDP offload is not in this build)."""
+
+
+CheckpointContent = Literal["model", "optimizer", "extra", "hf_model"]
+
+
+@config_section
+class CheckpointConfig:
+    """``actor_rollout_ref.actor.checkpoint``: what each checkpoint (``trainer.save_freq``) holds and
+    what a resume restores; export any checkpoint with ``python -m verl.model_merger`` (docs/export.md)."""
+
+    save_contents: list[CheckpointContent] = field(default_factory=lambda: ["model", "optimizer", "extra"])
+    """States to save: model, optimizer, extra (lr schedule, RNG), hf_model (also a loadable HF model in <checkpoint>/huggingface/)."""
+    load_contents: list[CheckpointContent] = field(default_factory=lambda: ["model", "optimizer", "extra"])
+    """States a resume restores (each must be in the checkpoint's save_contents; hf_model is never loaded)."""
 
 
 @config_section
@@ -105,11 +122,11 @@ class ActorConfig:
     entropy_coeff: NonNegativeFloat = 0.0
     """Entropy bonus coefficient (must be 0 with OPOB)."""
     use_kl_loss: bool = False
-    """KL-to-reference loss term (not in this build)."""
+    """Add kl_loss_coef * KL(pi || pi_ref) to the loss (starts the frozen reference policy ``actor_rollout_ref.ref``)."""
     kl_loss_coef: NonNegativeFloat = 0.001
     """Coefficient of the KL loss term (used only with ``use_kl_loss``)."""
-    kl_loss_type: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"] = "low_var_kl"
-    """KL estimator of the loss term (used only with ``use_kl_loss``)."""
+    kl_loss_type: KLEstimator = "low_var_kl"
+    """KL estimator of the loss term: kl/k1, abs, mse/k2, low_var_kl/k3; a ``+`` suffix takes k2's gradient (docs/losses.md)."""
     use_rollout_log_probs: bool = True
     """The release's switch: the behaviour log-probs come from the rollout engine (required here)."""
     update_policy_per_traj: bool = False
@@ -121,6 +138,7 @@ class ActorConfig:
     grad_baselining: GradBaseliningConfig = field(default_factory=GradBaseliningConfig)
     megatron: MegatronParallelConfig = field(default_factory=MegatronParallelConfig)
     fsdp_config: FsdpConfig = field(default_factory=FsdpConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def clip_low(self) -> float:
@@ -149,7 +167,8 @@ class ActorConfig:
         self.optim.validate(f"{prefix}.optim")
         self.grad_baselining.validate(f"{prefix}.grad_baselining")
         for key, on, feature in ((f"{prefix}.use_dynamic_bsz", self.use_dynamic_bsz, "dynamic batch sizes"),
-                                 (f"{prefix}.use_kl_loss", self.use_kl_loss, "the KL loss (a reference policy)"),
+                                 (f"{prefix}.fsdp_config.param_offload", self.fsdp_config.param_offload,
+                                  "actor parameter offload"),
                                  (f"{prefix}.megatron.param_offload", self.megatron.param_offload, "parameter offload"),
                                  (f"{prefix}.megatron.optimizer_offload", self.megatron.optimizer_offload,
                                   "optimizer offload"),
@@ -160,13 +179,14 @@ class ActorConfig:
 
 @config_section
 class RefConfig:
-    """``actor_rollout_ref.ref``: the frozen reference policy. There is none in this build (it is
-    only needed for a KL term), so these keys are accepted and unused, as veRL does without KL."""
+    """``actor_rollout_ref.ref``: the frozen reference policy pi_ref of the KL terms, loaded from the
+    actor's starting weights and held by every actor rank in the actor's layout. It exists only with
+    ``actor.use_kl_loss`` or ``algorithm.use_kl_in_reward``; otherwise these keys are unused."""
 
     log_prob_micro_batch_size_per_gpu: PositiveInt | None = None
-    """Trajectories per reference forward on one rank."""
+    """Trajectories per reference forward on one rank (null: the actor's ``ppo_micro_batch_size_per_gpu``)."""
     log_prob_use_dynamic_bsz: bool = False
-    """Reference micro-batches by token budget."""
+    """Reference micro-batches by token budget (not in this build)."""
     megatron: MegatronParallelConfig = field(default_factory=MegatronParallelConfig)
     fsdp_config: FsdpConfig = field(default_factory=FsdpConfig)
 
@@ -220,6 +240,12 @@ class PolicyUpdateConfig:
     loss_agg_mode: str = "seq-mean-token-mean"
     grad_clip: float = 1.0
     entropy_coeff: float = 0.0
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "low_var_kl"
+    # The frozen reference policy (None: the actor holds none): its micro-batch and CPU offload.
+    ref_log_prob_micro_batch_size_per_gpu: int | None = None
+    ref_param_offload: bool = False
     # True: the trainer recomputes old log-probs with the current weights before the update.
     recompute_old_log_prob: bool = False
     grad_norm_method: Literal["batched", "per_traj"] = "batched"

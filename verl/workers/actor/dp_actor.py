@@ -30,6 +30,7 @@ from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logit
 from verl.workers.actor.config import OptimConfig, PolicyUpdateConfig
 from verl.workers.actor.policy_loss import (
     FORWARD_KEYS,
+    actor_kl_loss,
     actor_policy_loss,
     prepare_minibatch,
     required_batch_keys,
@@ -223,6 +224,8 @@ class DataParallelPPOActor:
         out.update({"actor/loss": totals[0].item(), "actor/pg_loss": totals[1].item(), "actor/lr": lr})
         if cfg.entropy_coeff != 0.0:
             out["actor/entropy"] = totals[2].item()
+        if cfg.use_kl_loss:
+            out.update({"actor/kl_loss": totals[3].item(), "actor/kl_coef": cfg.kl_loss_coef})
         out["actor/skipped_steps"] = float(not math.isfinite(grad_norm) or lr_scale <= 0.0)
         if math.isfinite(grad_norm):
             out["actor/grad_norm"] = grad_norm
@@ -232,10 +235,12 @@ class DataParallelPPOActor:
     def _loss_backward(
         self, mini: dict[str, torch.Tensor], temperature: float, num_tokens: torch.Tensor, num_seqs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward of the configured loss per micro-batch; (log-probs [b, R], [loss, pg_loss, entropy])."""
+        """Forward/backward of the configured loss per micro-batch; (log-probs [b, R], ``LOSS_TOTALS``).
+
+        loss = pg_loss - entropy_coeff * entropy + kl_loss_coef * kl_loss (``actor_kl_loss``)."""
         cfg = self.config
         calculate_entropy = cfg.entropy_coeff != 0.0
-        totals = torch.zeros(3, dtype=torch.float32, device=self.device)
+        totals = torch.zeros(len(LOSS_TOTALS), dtype=torch.float32, device=self.device)
         log_probs = []
         for micro in self._micro_batches(mini):
             log_prob, entropy = self._forward_micro_batch(micro, temperature, calculate_entropy)
@@ -244,13 +249,30 @@ class DataParallelPPOActor:
             if entropy is not None:
                 mask = micro["response_mask"]
                 entropy_term = agg_loss(entropy, mask, cfg.loss_agg_mode, num_tokens, num_seqs)
-                loss = pg_loss - cfg.entropy_coeff * entropy_term
+                loss = loss - cfg.entropy_coeff * entropy_term
                 totals[2] += entropy_term.detach()
+            if cfg.use_kl_loss:
+                kl_term = actor_kl_loss(cfg, micro, log_prob, num_tokens, num_seqs)
+                loss = loss + cfg.kl_loss_coef * kl_term
+                totals[3] += kl_term.detach()
             loss.backward()
             totals[0] += loss.detach()
             totals[1] += pg_loss.detach()
             log_probs.append(log_prob.detach())
         return torch.cat(log_probs), totals
+
+    def _kl_backward(self, mini: dict[str, torch.Tensor], temperature: float, num_tokens: torch.Tensor,
+                     num_seqs: torch.Tensor) -> torch.Tensor:
+        """Add the gradient of kl_loss_coef * kl_loss to ``.grad`` (one forward/backward per
+        micro-batch; used after OPOB, whose pass forms only the policy-gradient part); the KL term."""
+        cfg = self.config
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for micro in self._micro_batches(mini):
+            log_prob, _ = self._forward_micro_batch(micro, temperature, False)
+            kl_term = actor_kl_loss(cfg, micro, log_prob, num_tokens, num_seqs)
+            (cfg.kl_loss_coef * kl_term).backward()
+            total += kl_term.detach()
+        return total
 
     # ------------------------------------------------------------------ VCPO
     def _vcpo_statistics(
@@ -266,7 +288,8 @@ class DataParallelPPOActor:
             return 1.0, {}
         cfg = self.config
         rollout, mask, cap = mini["rollout_log_probs"], mini["response_mask"], cfg.policy_loss.tis_cap
-        log_w = sequence_log_is_weight(log_prob, rollout, mask)
+        # Rows without response tokens (w = 1 by the empty sum) are not trajectories the loss trains on.
+        log_w = sequence_log_is_weight(log_prob, rollout, mask)[mask.sum(-1) > 0]
         ess = vcpo.global_ess(log_w, self.process_group)
         ess_clipped = vcpo.global_ess(truncated_log_is_weight(log_w, cap), self.process_group)
         lr_scale, _ = vcpo.lr_scale_from_ess(ess_clipped if cfg.ess_scaling.use_clipped else ess, cfg.ess_scaling)
@@ -290,7 +313,9 @@ class DataParallelPPOActor:
         every coefficient of the scope is known, the weighted weight gradients are formed from those
         factors (no second backward). ``per_traj``: one forward/backward per trajectory for the
         norms, then a log-prob pass and a backward of the weighted objective per micro-batch.
-        Returns (log-probs, [surrogate loss, VCPO loss with the advantages, 0], the OPOB pass).
+        The KL term, if on, is added by ``_kl_backward`` (OPOB baselines the policy gradient only).
+        Returns (log-probs, ``LOSS_TOTALS`` with loss = surrogate (+ KL) and pg_loss = the VCPO loss
+        with the advantages, the OPOB pass).
         """
         method = self.config.grad_norm_method
         if method == "batched":
@@ -319,10 +344,20 @@ class DataParallelPPOActor:
                 micro_log_prob, _ = self._forward_micro_batch(micro, temperature, False)
                 k = opob.loss_coefficients[start : start + size]
                 (k * trajectory_objective(micro_log_prob, micro["response_mask"])).sum().backward()
+        kl_term = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.config.use_kl_loss:
+            kl_term = self._kl_backward(mini, temperature, num_tokens, num_seqs)
+        return log_prob, self._opob_totals(mini, log_prob, opob, kl_term, num_tokens, num_seqs), opob
+
+    def _opob_totals(self, mini: dict[str, torch.Tensor], log_prob: torch.Tensor, opob: "OPOBPass",
+                     kl_term: torch.Tensor, num_tokens: torch.Tensor, num_seqs: torch.Tensor) -> torch.Tensor:
+        """``LOSS_TOTALS`` of an OPOB step: the surrogate loss sum_i k_i f_i (+ kl_loss_coef * KL) and the
+        VCPO loss with the advantages as pg_loss (for comparison with runs without OPOB)."""
         with torch.no_grad():
             surrogate = (opob.loss_coefficients * trajectory_objective(log_prob, mini["response_mask"])).sum()
             pg_loss, _ = actor_policy_loss(self.config, mini, log_prob, num_tokens, num_seqs, self.process_group)
-        return log_prob, torch.stack([surrogate, pg_loss, torch.zeros_like(pg_loss)]), opob
+        loss = surrogate + self.config.kl_loss_coef * kl_term if self.config.use_kl_loss else surrogate
+        return torch.stack([loss, pg_loss, torch.zeros_like(pg_loss), kl_term.float()])
 
     def _opob_coefficients(
         self, mini: dict[str, torch.Tensor], log_prob: torch.Tensor, sq_grad_norms: torch.Tensor, num_seqs: torch.Tensor
@@ -459,6 +494,10 @@ class DataParallelPPOActor:
         """HF-named weights (``module.state_dict()``, tied weights under both names) for param
         sync. Views of the live parameters: copy them if they must outlive the next update."""
         return dict(self.module.state_dict())
+
+
+# What ``_loss_backward``/``_opob_backward`` return besides the log-probs, summed over micro-batches.
+LOSS_TOTALS = ("loss", "pg_loss", "entropy", "kl_loss")
 
 
 class OPOBPass(NamedTuple):

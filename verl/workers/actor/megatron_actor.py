@@ -42,12 +42,13 @@ from verl.utils.megatron.logprobs import vocab_parallel_entropy, vocab_parallel_
 from verl.utils.megatron.parallel import MegatronParallelConfig, ParallelGroups
 from verl.workers.actor.config import OptimConfig, PolicyUpdateConfig
 from verl.workers.actor.dp_actor import (
+    LOSS_TOTALS,
     DataParallelPPOActor,
     OPOBPass,
     lr_schedule_factor,
     sampling_temperature,
 )
-from verl.workers.actor.policy_loss import FORWARD_KEYS, actor_policy_loss
+from verl.workers.actor.policy_loss import FORWARD_KEYS, actor_kl_loss, actor_policy_loss
 from verl.workers.actor.traj_grad_norms import trajectory_objective
 from verl.workers.utils import vcpo
 
@@ -302,23 +303,26 @@ class MegatronPPOActor(DataParallelPPOActor):
 
     def _loss_backward(self, mini: dict[str, torch.Tensor], temperature: float, num_tokens: torch.Tensor,
                        num_seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward of the configured loss per micro-batch; (log-probs [b, R], [loss, pg_loss, entropy])."""
+        """Forward/backward of the configured loss per micro-batch; (log-probs [b, R], ``LOSS_TOTALS``)."""
         cfg = self.config
         calculate_entropy = cfg.entropy_coeff != 0.0
 
         def loss_fn(micro: dict[str, torch.Tensor], log_prob: torch.Tensor,
                     entropy: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             pg_loss, _ = actor_policy_loss(cfg, micro, log_prob, num_tokens, num_seqs, self.process_group)
-            loss, entropy_term = pg_loss, torch.zeros_like(pg_loss)
+            loss, entropy_term, kl_term = pg_loss, torch.zeros_like(pg_loss), torch.zeros_like(pg_loss)
             if entropy is not None:
                 entropy_term = agg_loss(entropy, micro["response_mask"], cfg.loss_agg_mode, num_tokens, num_seqs)
-                loss = pg_loss - cfg.entropy_coeff * entropy_term
-            return loss, {"totals": torch.stack([loss, pg_loss, entropy_term]).detach()[None]}
+                loss = loss - cfg.entropy_coeff * entropy_term
+            if cfg.use_kl_loss:
+                kl_term = actor_kl_loss(cfg, micro, log_prob, num_tokens, num_seqs)
+                loss = loss + cfg.kl_loss_coef * kl_term
+            return loss, {"totals": torch.stack([loss, pg_loss, entropy_term, kl_term]).detach()[None]}
 
         micros = self._micro_batches(mini)
         outputs = self._run_schedule(micros, temperature, calculate_entropy, loss_fn)
         log_prob = self._collect(outputs, "log_prob", tuple(mini["responses"].shape))
-        totals = self._collect(outputs, "totals", (len(micros), 3))
+        totals = self._collect(outputs, "totals", (len(micros), len(LOSS_TOTALS)))
         return log_prob, totals.sum(0)
 
     def _opob_backward(self, mini: dict[str, torch.Tensor], temperature: float, num_tokens: torch.Tensor,
@@ -328,8 +332,8 @@ class MegatronPPOActor(DataParallelPPOActor):
         Per micro-batch, ‖∇θ log π(τ_i)‖² from ``megatron_traj_sq_grad_norms`` (``grad_norm_method``:
         batched ghost norms or per-trajectory backward passes; it touches no gradient buffer), then
         the log-probs, the OPOB coefficients k_i of the mini-batch, and one backward of the weighted
-        objective sum_i k_i f_i through the schedule. Returns (log-probs, [surrogate loss, VCPO loss
-        with the advantages, 0], the OPOB pass), as the torch actor.
+        objective sum_i k_i f_i (plus kl_loss_coef * kl_loss when the KL term is on) through the
+        schedule. Returns (log-probs, ``LOSS_TOTALS``, the OPOB pass), as the torch actor.
         """
         from verl.workers.actor.megatron_grad_norms import megatron_traj_sq_grad_norms
 
@@ -344,15 +348,19 @@ class MegatronPPOActor(DataParallelPPOActor):
         for i, micro in enumerate(micros):
             micro["opob_k"] = opob.loss_coefficients[i * size:(i + 1) * size]
 
+        cfg = self.config
+
         def loss_fn(micro: dict[str, torch.Tensor], log_prob: torch.Tensor,
                     entropy: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return (micro["opob_k"] * trajectory_objective(log_prob, micro["response_mask"])).sum(), {}
+            loss = (micro["opob_k"] * trajectory_objective(log_prob, micro["response_mask"])).sum()
+            if not cfg.use_kl_loss:
+                return loss, {}
+            kl_term = actor_kl_loss(cfg, micro, log_prob, num_tokens, num_seqs)
+            return loss + cfg.kl_loss_coef * kl_term, {"kl": kl_term.detach()[None]}
 
-        self._run_schedule(micros, temperature, False, loss_fn)
-        with torch.no_grad():
-            surrogate = (opob.loss_coefficients * trajectory_objective(log_prob, mini["response_mask"])).sum()
-            pg_loss, _ = actor_policy_loss(self.config, mini, log_prob, num_tokens, num_seqs, self.process_group)
-        return log_prob, torch.stack([surrogate, pg_loss, torch.zeros_like(pg_loss)]), opob
+        outputs = self._run_schedule(micros, temperature, False, loss_fn)
+        kl_term = self._collect(outputs, "kl", (len(micros),)).sum() if cfg.use_kl_loss else torch.zeros(())
+        return log_prob, self._opob_totals(mini, log_prob, opob, kl_term.to(self.device), num_tokens, num_seqs), opob
 
     # ------------------------------------------------------------------ gradients and step
     def _zero_grads(self) -> None:

@@ -12,10 +12,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from verl.trainer.ppo.core_algos import compute_policy_loss, m2po_keep_mask, token_log_is_ratio
+from verl.trainer.ppo.core_algos import (
+    agg_loss,
+    compute_policy_loss,
+    kl_penalty,
+    m2po_keep_mask,
+    token_log_is_ratio,
+)
 from verl.workers.actor.config import PolicyUpdateConfig
 
-__all__ = ["FORWARD_KEYS", "actor_policy_loss", "prepare_minibatch", "required_batch_keys"]
+__all__ = ["FORWARD_KEYS", "actor_kl_loss", "actor_policy_loss", "prepare_minibatch", "required_batch_keys"]
 
 FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "responses")
 
@@ -27,8 +33,8 @@ def required_batch_keys(config: PolicyUpdateConfig) -> tuple[str, ...]:
     decoupled_ppo, and for ppo_clip/gspo/M2PO when ``recompute_old_log_prob`` is set;
     ``rollout_log_probs`` whenever behaviour log-probs enter the loss or VCPO (ppo_clip/gspo
     without recompute, decoupled_ppo, TIS, rejection, M2PO, ESS scaling, OPOB);
-    ``token_level_rewards`` for group-scope OPOB. An actor may add ``rollout_log_probs`` when
-    present for the ESS/KL/IS diagnostics.
+    ``token_level_rewards`` for group-scope OPOB; ``ref_log_prob`` for the KL loss. An actor may
+    add ``rollout_log_probs`` when present for the ESS/KL/IS diagnostics.
     """
     pl = config.policy_loss
     recompute = config.recompute_old_log_prob
@@ -45,6 +51,8 @@ def required_batch_keys(config: PolicyUpdateConfig) -> tuple[str, ...]:
         keys.append("rollout_log_probs")
     if config.grad_baselining.enable and config.grad_baselining.scope == "group":
         keys.append("token_level_rewards")
+    if config.use_kl_loss:
+        keys.append("ref_log_prob")
     return tuple(dict.fromkeys(keys))
 
 
@@ -135,3 +143,22 @@ def actor_policy_loss(
     )
     loss_metrics.update(metrics)
     return loss, loss_metrics
+
+
+def actor_kl_loss(
+    config: PolicyUpdateConfig,
+    micro: dict[str, torch.Tensor],
+    log_prob: torch.Tensor,
+    num_tokens: torch.Tensor,
+    num_seqs: torch.Tensor,
+) -> torch.Tensor:
+    """The KL-to-reference term of one micro-batch, before ``kl_loss_coef``: the per-token
+    ``core_algos.kl_penalty(log pi, log pi_ref, kl_loss_type)`` over the response mask, aggregated
+    like the policy loss (``loss_agg_mode`` with the global mini-batch counts).
+
+    The tokens are the batch's, sampled by the behaviour policy mu, and carry no IS weight, as in
+    veRL: under staleness this is the KL estimator evaluated on mu's samples, a regulariser rather
+    than an unbiased KL(pi || pi_ref) (docs/losses.md). Rejection/M2PO masks do not apply to it.
+    """
+    kl = kl_penalty(log_prob, micro["ref_log_prob"], config.kl_loss_type)
+    return agg_loss(kl, micro["response_mask"], config.loss_agg_mode, num_tokens, num_seqs)

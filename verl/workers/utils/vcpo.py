@@ -292,7 +292,8 @@ def assert_whole_groups(group_ids: torch.Tensor, group: dist.ProcessGroup | None
 
 def opob_log_weights(sq_grad_norms: torch.Tensor, log_w: torch.Tensor, w_trunc: torch.Tensor,
                      lengths: torch.Tensor, config: GradBaseliningConfig) -> torch.Tensor:
-    """log W_i of the OPOB weights, float32 [B] (log space: w_i may overflow any float).
+    """log W_i of the OPOB weights, float64 [B] (log space: w_i may overflow any float; float64 so
+    that W = exp(log W) keeps its relative precision when |log W| is large).
 
     log W_i = log ‖∇θ log π(τ_i)‖²
               + 2 log w̃_i                 if weighting == "reference"
@@ -311,7 +312,7 @@ def opob_log_weights(sq_grad_norms: torch.Tensor, log_w: torch.Tensor, w_trunc: 
         out = out + 2.0 * (log_w_trunc if config.use_clipped_is_ratios else log_w.double())
     if config.normalize_by_length:
         out = out - 2.0 * torch.log(lengths.double().clamp(min=1.0))
-    return out.float()
+    return out
 
 
 def scope_normalized_weights(log_weights: torch.Tensor) -> torch.Tensor:
@@ -396,7 +397,8 @@ def aggregate_baseline(values: torch.Tensor, weights: torch.Tensor, agg_mode: st
 def opob_baselines(values: torch.Tensor, log_weights: torch.Tensor, group_ids: torch.Tensor | None,
                    agg_mode: str = "mean", group: dist.ProcessGroup | None = None,
                    winsorize: tuple[float, float] = (0.05, 0.95)) -> torch.Tensor:
-    """Per-trajectory baseline b_i of its scope, float32 [B].
+    """Per-trajectory baseline b_i of its scope, float64 [B] (rounding b to float32 would make
+    R - b wrong when a group's rewards differ by less than a float32 step of b).
 
     b_G = aggregate_baseline({v_i}_{i∈G}, {W_i / max_{j∈G} W_j}_{i∈G}); for the mean this is
     b* = Σ_{i∈G} W_i v_i / Σ_{i∈G} W_i, the minimum of Σ_i W_i (v_i − b)² over b.
@@ -412,18 +414,19 @@ def opob_baselines(values: torch.Tensor, log_weights: torch.Tensor, group_ids: t
         all_values = all_gather_rows(values.detach().double(), group)
         all_log_weights = all_gather_rows(log_weights.detach().double(), group)
         b = aggregate_baseline(all_values, scope_normalized_weights(all_log_weights), agg_mode, winsorize)
-        return torch.full_like(values, float(b), dtype=torch.float32)
+        return torch.full_like(values, float(b), dtype=torch.float64)
     out = torch.empty(values.shape, dtype=torch.float64, device=values.device)
     for gid in group_ids.unique():
         members = group_ids == gid
         out[members] = aggregate_baseline(values[members], scope_normalized_weights(log_weights[members]),
                                           agg_mode, winsorize)
-    return out.float()
+    return out
 
 
 def opob_coefficients(values: torch.Tensor, baselines: torch.Tensor, group_ids: torch.Tensor | None = None,
                       norm_by_std: bool = False, std_eps: float = GROUP_STD_EPS) -> torch.Tensor:
-    """Per-trajectory coefficients c_i of the final gradient g = (1/B) Σ_i c_i s_i, float32 [B].
+    """Per-trajectory coefficients c_i of the final gradient g = (1/B) Σ_i c_i s_i, float64 [B]
+    (computed from float64 values and baselines; the loss coefficients round them once, at the end).
 
     c_i = (v_i − b_i) / σ_{G(i)}  if norm_by_std, σ_G = population std of {v_j}_{j∈G}
           (the group's rewards), replaced by 1 when σ_G ≤ std_eps;
@@ -441,7 +444,7 @@ def opob_coefficients(values: torch.Tensor, baselines: torch.Tensor, group_ids: 
             std = values[members].double().std(unbiased=False)
             if std > std_eps:
                 c[members] = c[members] / std
-    return c.float()
+    return c
 
 
 class OPOBResult(NamedTuple):
