@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import threading
 
+from verl.utils.reward_score.latex import balanced_brace_end
+
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
@@ -31,15 +33,8 @@ def last_boxed_only_string(text: str) -> str | None:
         return f"{command} {argument[0]}" if argument else None
     if not text.startswith("{", cursor):
         return None
-    depth = 0
-    for position in range(cursor, len(text)):
-        if text[position] == "{":
-            depth += 1
-        elif text[position] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:position + 1]
-    return None
+    end = balanced_brace_end(text, cursor)
+    return None if end is None else text[start:end + 1]
 
 
 def remove_boxed(boxed: str) -> str:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from verl.utils.reward_score.latex import balanced_brace_end
+
 CLIP_CHARS = 300
 STRICT_BOX_CHARS = 100
 
@@ -70,15 +72,8 @@ def last_boxed_only_string(text: str) -> str | None:
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
-    depth = 0
-    for position in range(start, len(text)):
-        if text[position] == "{":
-            depth += 1
-        elif text[position] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:position + 1]
-    return None
+    end = balanced_brace_end(text, start)
+    return None if end is None else text[start:end + 1]
 
 
 def is_correct_minerva(solution_str: str, ground_truth: str) -> tuple[bool, str]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from verl.utils.reward_score.latex import balanced_brace_end
+
 
 class _Malformed(Exception):
     """Where veRL's code fails an assertion or an index: the caller falls back as veRL does."""
@@ -37,15 +39,8 @@ def last_boxed_only_string(text: str) -> str | None:
         start = text.rfind("\\fbox")
         if start < 0:
             return None
-    depth = 0
-    for position in range(start, len(text)):
-        if text[position] == "{":
-            depth += 1
-        elif text[position] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:position + 1]
-    return None
+    end = balanced_brace_end(text, start)
+    return None if end is None else text[start:end + 1]
 
 
 def remove_boxed(boxed: str) -> str:
